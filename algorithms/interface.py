@@ -1,0 +1,175 @@
+"""The contract between prefbench and an algorithm (plain PyTorch, no Ray).
+
+An algorithm is an object with these members (a Protocol: no base class, no inherited code):
+
+- `name: str`: the registry name used in suite files (`dpo`).
+- `params_cls`: a dataclass of the algorithm's own hyper-parameters, every field with a default;
+  its `__post_init__` validates and raises `ParamError(field, message)` for a bad value.
+- `knob: str | None`: the field of `params_cls` that moves the algorithm along its reward-vs-KL
+  frontier (DPO: `beta`; PPO: `kl_coef`; best-of-N: `n`); None for a single point (SFT).
+- `needs: frozenset[str]`: what it consumes from the env, a subset of NEEDS.
+- `trains_policy: bool`: True when `train` updates `ctx.policy` (bench then wraps it in a
+  DeepSpeed engine and `ctx.optimize` steps it); False for samplers such as best-of-N.
+- `train(ctx: TrainContext) -> dict | None`: runs the algorithm. It calls `ctx.optimize(loss)` once
+  per optimizer step, `ctx.log(step, metrics)` for training curves, and `ctx.evaluate(sampler,
+  step)` at every `ctx.should_evaluate(step)` and once with `final=True` at the end. It returns an
+  optional dict of summary metrics for the trial row.
+
+Units: log-probs and KL in nats per sequence; rewards are floats per completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from algorithms.policy import Policy, Sampler
+
+NEEDS = frozenset({"pairs", "prompts", "reward_model", "gold"})
+
+
+class ParamError(ValueError):
+    """A bad parameter value: `field` names it, the message says what is allowed."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+def check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ParamError(field_name, message)
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings shared by every trainable algorithm of a suite (equal terms)."""
+
+    steps: int = 150  # optimizer steps per trial
+    batch_size: int = 32  # global examples (pairs or prompts) per optimizer step, all workers together
+    lr: float = 1e-4  # peak learning rate of AdamW
+    warmup_steps: int = 20  # linear warm-up from 0 to lr, then constant (the DPO paper's schedule)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    eval_every: int = 50  # evaluate at T = 1 every this many steps (and always at the end)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an integer >= 1")
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "must be an integer >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        check(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1")
+
+
+@dataclass
+class EnvData:
+    """What an env hands to algorithms; all text, so any tokenizer can consume it."""
+
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    pairs: pd.DataFrame  # columns prompt, chosen, rejected (+ chosen_gold, rejected_gold where known)
+    references: pd.DataFrame  # eval prompt, completion, gold: the baseline that win rates compare to
+
+
+@dataclass
+class TrainContext:
+    """Everything `Algorithm.train` receives. Built by bench; built by hand in tests."""
+
+    policy: Policy  # trainable; forward passes go through its DeepSpeed engine when bench set one
+    reference: Policy  # frozen SFT policy
+    params: Any  # the algorithm's params_cls instance
+    train: TrainSettings
+    data: EnvData
+    optimize: Callable[[torch.Tensor], dict]  # backward + clip + step + lr schedule; returns {"lr", "grad_norm"}
+    evaluate: Callable[..., dict]  # evaluate(sampler, step, *, final=False) -> metrics at T = 1
+    log: Callable[[int, dict], None] = lambda step, metrics: None
+    gold: Callable[[list[str], list[str]], np.ndarray] | None = None  # only for needs={"gold"}
+    reward_model: Any = None  # only for needs={"reward_model"}
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    extras: dict = field(default_factory=dict)
+
+    def should_evaluate(self, step: int) -> bool:
+        return step % self.train.eval_every == 0 and step < self.train.steps
+
+    def batch_indices(self, step: int, n_items: int) -> np.ndarray:
+        """This rank's slice of the global batch at `step` over a dataset of `n_items`.
+
+        The global order is one seeded permutation per epoch, the same on every rank, so a run
+        on W workers sees exactly the batches of a run on 1 worker (each rank a contiguous 1/W).
+        """
+        return rank_batch(
+            step, batch_size=self.train.batch_size, rank=self.rank, world_size=self.world_size,
+            n_items=n_items, seed=self.seed,
+        )
+
+
+def rank_batch(step: int, *, batch_size: int, rank: int, world_size: int, n_items: int, seed: int) -> np.ndarray:
+    """Indices of rank `rank`'s contiguous 1/world_size of global batch `step` (see batch_indices)."""
+    per_rank = batch_size // world_size
+    start = step * batch_size + rank * per_rank
+    idx = np.empty(per_rank, dtype=np.int64)
+    for j, pos in enumerate(range(start, start + per_rank)):
+        epoch, offset = divmod(pos, n_items)
+        idx[j] = _epoch_permutation(seed, epoch, n_items)[offset]
+    return idx
+
+
+_PERMS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    key = (seed, epoch, n)
+    if key not in _PERMS:
+        _PERMS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMS[key]
+
+
+class Algorithm(Protocol):
+    name: str
+    params_cls: type
+    knob: str | None
+    needs: frozenset[str]
+    trains_policy: bool
+
+    def train(self, ctx: TrainContext) -> dict | None: ...
+
+
+def params_from_dict(params_cls: type, values: dict) -> Any:
+    """Build a params dataclass from a dict, rejecting unknown keys by name."""
+    known = {f.name for f in fields(params_cls)}
+    for key in values:
+        if key not in known:
+            raise ParamError(key, f"unknown parameter (known: {', '.join(sorted(known))})")
+    return params_cls(**values)
+
+
+def plain_optimizer(policy: Policy, train: TrainSettings) -> Callable[[torch.Tensor], dict]:
+    """`ctx.optimize` without DeepSpeed: AdamW + warm-up + clipping, for use outside bench and in tests."""
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(train.warmup_steps))
+
+    def optimize(loss: torch.Tensor) -> dict:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or float("inf"))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        return {"lr": lr, "grad_norm": float(norm)}
+
+    return optimize
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up multiplier for LambdaLR: step s → min(1, (s + 1) / warmup_steps)."""
+    return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0

@@ -1,0 +1,272 @@
+"""The shared policy/reference interface: a Hugging Face causal LM + its tokenizer.
+
+Every algorithm trains a `Policy` against a frozen reference `Policy`, and the one evaluator
+(bench.evaluate) measures any `Sampler`. Conventions, used everywhere in prefbench:
+
+- A *prompt* is encoded with the tokenizer's special tokens (a BOS where the tokenizer adds one);
+  a *completion* is encoded without them and ends with EOS when the model stopped on its own.
+  Text completions given to `encode` get an EOS appended (TRL's convention for pairs).
+- Log-probs are natural logs (nats). `token_logps` at temperature T scores the distribution that
+  sampling at T draws from: softmax(logits / T). Temperature 0 means greedy decoding; it has no
+  log-probs.
+- Generation is batched (left padding) with the KV cache, seeded, and draws from the full
+  distribution: no top-k, no top-p, no repetition penalty, whatever the model's own
+  generation_config says. That is what makes sampled log-probs and KL estimates honest.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Rollout:
+    """Completions sampled for prompts: `n` per prompt, prompt-major (prompt 0's n samples first)."""
+
+    prompts: list[str]  # (N,) the prompt text of each sample
+    prompt_index: np.ndarray  # (N,) index of the sample's prompt in the input list
+    completions: list[str]  # (N,) decoded completion text, special tokens removed
+    prompt_ids: list[list[int]]  # (N, variable) prompt tokens, no padding
+    completion_ids: list[list[int]]  # (N, variable) sampled tokens up to and including EOS
+    temperature: float
+    # extra per-sample columns a sampler may attach (e.g. a reward used to rerank)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Completion length in tokens (EOS included), shape (N,)."""
+        return np.array([len(c) for c in self.completion_ids], dtype=np.int64)
+
+
+class Sampler(Protocol):
+    """Anything that produces completions for prompts at a temperature (a Policy, best-of-N, ...)."""
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+    ) -> Rollout: ...
+
+
+class Policy:
+    """A causal LM + tokenizer with generation and teacher-forced log-probs.
+
+    `model` is any `transformers` causal LM (e.g. GPT2LMHeadModel); `tokenizer` a fast tokenizer
+    with `eos_token_id` and `pad_token_id` set. When bench wraps the model in a DeepSpeed engine it
+    sets `policy.engine`; training forward passes then go through the engine, generation through
+    the bare module.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, frozen: bool = False):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("Policy needs a tokenizer with an EOS token")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = None  # a deepspeed.DeepSpeedEngine wrapping `model`, set by bench
+        self.frozen = False
+        if frozen:
+            self.freeze()
+
+    # ----------------------------------------------------------------- construction and I/O
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, frozen: bool = False, **model_kwargs) -> "Policy":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
+        return cls(model, tokenizer, frozen=frozen)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Hugging Face format: any HF tool can load the result."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+    def freeze(self) -> "Policy":
+        """Make this a reference: eval mode, no grads, never updated."""
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.frozen = True
+        return self
+
+    def frozen_copy(self) -> "Policy":
+        return Policy(copy.deepcopy(self.model), self.tokenizer, frozen=True)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----------------------------------------------------------------------- tokenisation
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+
+    def encode_completions(self, completions: Sequence[str], *, add_eos: bool = True) -> list[list[int]]:
+        ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return [list(x) + [eos] if add_eos else list(x) for x in ids]
+
+    # ------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        batch_size: int = 512,
+    ) -> Rollout:
+        """Sample `n` completions per prompt at `temperature` (0 = greedy), stopping at EOS."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        prompt_ids = self.encode_prompts(prompts)
+        flat_prompt_ids = [ids for ids in prompt_ids for _ in range(n)]
+        flat_prompts = [p for p in prompts for _ in range(n)]
+        index = np.repeat(np.arange(len(prompts)), n)
+        completion_ids: list[list[int]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(seed)
+                for start in range(0, len(flat_prompt_ids), batch_size):
+                    batch = flat_prompt_ids[start : start + batch_size]
+                    completion_ids.extend(self._generate_batch(batch, temperature, max_new_tokens))
+        finally:
+            self.model.train(was_training)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(
+            prompts=flat_prompts,
+            prompt_index=index,
+            completions=[t.strip() for t in texts],
+            prompt_ids=flat_prompt_ids,
+            completion_ids=completion_ids,
+            temperature=float(temperature),
+        )
+
+    def _rng_devices(self) -> list:
+        dev = self.device
+        return [dev] if dev.type == "cuda" else []
+
+    def _generate_batch(self, batch: list[list[int]], temperature: float, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        width = max(len(x) for x in batch)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=self.device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(x)) + [1] * len(x) for x in batch], device=self.device
+        )
+        sample = temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            num_beams=1,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=pad,
+            use_cache=True,
+        )
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )  # (B, width + new)
+        new = out[:, width:].tolist()
+        eos = tok.eos_token_id
+        result = []
+        for row in new:
+            if eos in row:
+                row = row[: row.index(eos) + 1]  # keep the EOS: its probability is part of y
+            result.append(row)
+        return result
+
+    # ------------------------------------------------------------------ teacher forcing
+    def token_logps(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π_T(y_t | x, y_<t) of completions given prompts.
+
+        Returns (logps, mask), both (B, Tc) with completions left-aligned; mask is 1 on real
+        completion tokens, 0 on padding. Prompt tokens are never scored. Gradients flow unless the
+        caller disables them (the reference is frozen, so its log-probs carry none).
+        """
+        if temperature <= 0:
+            raise ValueError("log-probs need a temperature > 0 (temperature 0 is greedy decoding)")
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError("prompt_ids and completion_ids differ in length")
+        pad = self.tokenizer.pad_token_id
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        width = max(len(s) for s in seqs)
+        dev = self.device
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)  # (B, L)
+        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+        forward = self.engine if self.engine is not None else self.model
+        logits = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = logits[:, :-1].float() / temperature  # (B, L-1, V): position i predicts token i+1
+        targets = input_ids[:, 1:]  # (B, L-1)
+        all_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        # gather the completion span of each row, left-aligned: (B, Tc)
+        c_len = torch.tensor([len(c) for c in completion_ids], device=dev)
+        start = torch.tensor([len(p) - 1 for p in prompt_ids], device=dev)  # predicts first completion token
+        t = torch.arange(int(c_len.max()), device=dev)
+        idx = (start[:, None] + t[None, :]).clamp(max=all_logps.shape[1] - 1)
+        mask = (t[None, :] < c_len[:, None]).to(all_logps.dtype)
+        return torch.gather(all_logps, 1, idx) * mask, mask
+
+    def sequence_logps(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Σ_t log π_T(y_t | x, y_<t): per-sequence log-prob in nats, shape (B,)."""
+        logps, mask = self.token_logps(prompt_ids, completion_ids, temperature=temperature)
+        return (logps * mask).sum(-1)
+
+    @torch.no_grad()
+    def sequence_logps_batched(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        completion_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """`sequence_logps` without grads, in batches (for references and evaluation), (B,) on CPU."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = [
+                self.sequence_logps(
+                    prompt_ids[i : i + batch_size], completion_ids[i : i + batch_size], temperature=temperature
+                ).cpu()
+                for i in range(0, len(prompt_ids), batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+

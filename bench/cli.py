@@ -1,0 +1,78 @@
+"""The `prefbench` command: run, list, report.
+
+User mistakes (bad suite, unknown plugin, missing file, existing --out) are one line on stderr and
+exit code 2, before Ray starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too; keep it short)
+        print(f"prefbench: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="prefbench", description="Benchmark preference-optimization algorithms for LMs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="run a suite (default: the packaged quick suite)")
+    r.add_argument("suite", nargs="?", help="suite YAML file (default: bench/suites/quick.yaml)")
+    r.add_argument("--out", help="output directory (default: runs/<suite>-<time>); must not exist or be empty")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite key, e.g. --set train.steps=50 --set algorithms.0.sweep.beta=[0.5]")
+    r.add_argument("--address", help="Ray cluster address to join (default: start Ray embedded)")
+    sub.add_parser("list", help="list the registered algorithms and envs")
+    rep = sub.add_parser("report", help="rebuild OUT/report.md from OUT/*.parquet")
+    rep.add_argument("out", help="a run's output directory")
+    return p
+
+
+def _list() -> None:
+    from algorithms import ALGORITHMS
+    from envs import ENVS
+
+    print("algorithms:")
+    for name in ALGORITHMS.names():
+        a = ALGORITHMS.get(name)
+        needs = ",".join(sorted(a.needs)) or "-"
+        print(f"  {name:16s} knob={a.knob or '-':10s} needs={needs:24s} {ALGORITHMS.origin(name)}")
+    print("envs:")
+    for name in ENVS.names():
+        print(f"  {name:16s} {ENVS.origin(name)}")
+    for reg in (ALGORITHMS, ENVS):
+        for name, err in reg.broken.items():
+            print(f"  (skipped {reg.kind} plugin {name}: {err})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from bench.config import ConfigError
+    from bench.run import UserError
+
+    try:
+        if args.command == "list":
+            _list()
+        elif args.command == "report":
+            from bench.report import write_report
+
+            out = Path(args.out)
+            if not (out / "evals.parquet").is_file() or not (out / "trials.parquet").is_file():
+                raise UserError(f"{out}: no evals.parquet/trials.parquet here (is it a prefbench run directory?)")
+            print(write_report(out))
+        elif args.command == "run":
+            from bench.run import run
+
+            run(args.suite, args.overrides, args.out, args.address)
+    except (ConfigError, UserError) as e:
+        print(f"prefbench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Suite files: YAML → typed, validated dataclasses, before anything starts.
+
+Every mistake a user can make in a suite (unknown key, wrong type, out-of-range value, unknown
+algorithm or env, a sweep over a parameter that does not exist) raises `ConfigError` whose message
+names the dotted key; the CLI prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from algorithms import ALGORITHMS
+from algorithms.interface import ParamError, TrainSettings, params_from_dict
+from envs import ENVS
+
+QUICK_SUITE = Path(__file__).parent / "suites" / "quick.yaml"
+
+
+class ConfigError(Exception):
+    """A user mistake in a suite file or --set; str() is the one line to print."""
+
+
+@dataclass
+class EnvSpec:
+    name: str = "tiny-sentiment"
+    params: dict = field(default_factory=dict)  # the env's params_cls fields
+
+
+@dataclass
+class AlgorithmSpec:
+    name: str = ""
+    params: dict = field(default_factory=dict)  # fixed params_cls fields
+    sweep: dict = field(default_factory=dict)  # param → list of values; grid over all of them
+    train: dict = field(default_factory=dict)  # overrides of the suite's train settings
+
+
+@dataclass
+class EvalSettings:
+    num_prompts: int = 256  # eval prompts used (the env's first ones)
+    samples_per_prompt: int = 4  # k samples per prompt at each temperature
+    max_new_tokens: int = 32
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    batch_size: int = 512  # sequences per generation / scoring batch
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ParamError(name, "must be >= 1")
+        if not self.temperatures:
+            raise ParamError("temperatures", "must list at least one temperature")
+        for t in self.temperatures:
+            if t < 0:
+                raise ParamError("temperatures", f"must be >= 0, got {t}")
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 1  # Ray Train workers per trial (data-parallel ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_concurrent_trials: int = 2  # Tune trials at once
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ParamError("num_workers", "must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ParamError("cpus_per_worker", "must be > 0")
+        if self.max_concurrent_trials < 1:
+            raise ParamError("max_concurrent_trials", "must be >= 1")
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 0  # 0-3
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ParamError("zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class SuiteConfig:
+    name: str = "quick"
+    env: EnvSpec = field(default_factory=EnvSpec)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    algorithms: list[AlgorithmSpec] = field(default_factory=list)
+    baseline: bool = True  # also evaluate the SFT reference itself (algorithm "sft")
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    cache_dir: str | None = None  # env / shared-stage cache; default $PREFBENCH_CACHE or ~/.cache/prefbench
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One Tune trial: an algorithm at one point of its sweep, one seed."""
+
+    trial_id: str
+    algorithm: str
+    params: dict
+    train: dict  # resolved TrainSettings as a dict
+    seed: int
+    knob: str | None
+    knob_value: float | None
+
+
+# ------------------------------------------------------------------------------- parsing
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types; errors name `where.key`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'suite'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, path)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected a list")
+            kwargs[key] = [build_dataclass(typing.get_args(tp)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        else:
+            if not _type_ok(value, tp):
+                raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            if tp is float or (typing.get_origin(tp) is list and typing.get_args(tp) == (float,)):
+                value = [float(v) for v in value] if isinstance(value, list) else float(value)
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ParamError as e:
+        raise ConfigError(f"{where}.{e.field}: {e.message}" if where else str(e)) from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """--set a.b.c=value (value parsed as YAML; a numeric part indexes a list)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected dotted.key=value")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: no list item {part!r} at {'.'.join(parts[:i])}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: no list item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_suite(path: str | Path | None = None, overrides: list[str] | None = None) -> SuiteConfig:
+    path = Path(path) if path else QUICK_SUITE
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a suite is a YAML mapping")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    suite = build_dataclass(SuiteConfig, raw, "")
+    validate(suite)
+    return suite
+
+
+def validate(suite: SuiteConfig) -> None:
+    """Cross-field checks and plugin lookups; raises ConfigError naming the key."""
+    if not suite.seeds:
+        raise ConfigError("seeds: must list at least one seed")
+    if len(set(suite.seeds)) != len(suite.seeds):
+        raise ConfigError("seeds: must not repeat")
+    if not suite.algorithms:
+        raise ConfigError("algorithms: must list at least one algorithm")
+    try:
+        env = ENVS.get(suite.env.name)
+    except KeyError as e:
+        raise ConfigError(f"env.name: {e.args[0]}") from None
+    try:
+        params_from_dict(env.params_cls, suite.env.params)
+    except ParamError as e:
+        raise ConfigError(f"env.params.{e.field}: {e.message}") from None
+    if suite.train.batch_size % suite.scaling.num_workers:
+        raise ConfigError("train.batch_size: must be divisible by scaling.num_workers")
+    expand_trials(suite)  # validates every algorithm and sweep point
+
+
+def env_params(suite: SuiteConfig) -> Any:
+    return params_from_dict(ENVS.get(suite.env.name).params_cls, suite.env.params)
+
+
+def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
+    """The sweep grid: algorithm × sweep point × seed (plus the SFT baseline per seed)."""
+    trials: list[TrialSpec] = []
+    seen: set[str] = set()
+    specs = [(f"algorithms[{i}]", spec) for i, spec in enumerate(suite.algorithms)]
+    if suite.baseline and not any(a.name == "sft" for a in suite.algorithms):
+        specs.insert(0, ("baseline", AlgorithmSpec(name="sft")))
+    for where, spec in specs:
+        try:
+            algo = ALGORITHMS.get(spec.name)
+        except KeyError as e:
+            raise ConfigError(f"{where}.name: {e.args[0]}") from None
+        train = build_dataclass(TrainSettings, {**dataclasses.asdict(suite.train), **spec.train}, f"{where}.train")
+        if train.batch_size % suite.scaling.num_workers:
+            raise ConfigError(f"{where}.train.batch_size: must be divisible by scaling.num_workers")
+        for key, values in spec.sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values")
+        keys = list(spec.sweep)
+        for point in itertools.product(*(spec.sweep[k] for k in keys)):
+            values = {**spec.params, **dict(zip(keys, point))}
+            try:
+                params = params_from_dict(algo.params_cls, values)
+            except ParamError as e:
+                section = "sweep" if e.field in spec.sweep else "params"
+                raise ConfigError(f"{where}.{section}.{e.field}: {e.message}") from None
+            except TypeError as e:
+                raise ConfigError(f"{where}.params: {e}") from None
+            params_dict = dataclasses.asdict(params)
+            knob_value = params_dict.get(algo.knob) if algo.knob else None
+            for seed in suite.seeds:
+                label = ",".join(f"{k}={v}" for k, v in zip(keys, point))
+                trial_id = f"{spec.name}" + (f"[{label}]" if label else "") + f"-seed{seed}"
+                if trial_id in seen:
+                    raise ConfigError(f"{where}: duplicates trial {trial_id}")
+                seen.add(trial_id)
+                trials.append(TrialSpec(
+                    trial_id=trial_id, algorithm=spec.name, params=params_dict,
+                    train=dataclasses.asdict(train), seed=seed, knob=algo.knob,
+                    knob_value=float(knob_value) if knob_value is not None else None,
+                ))
+    return trials
+
+
+def to_yaml(suite: SuiteConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(suite))), sort_keys=False)

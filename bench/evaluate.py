@@ -1,0 +1,185 @@
+"""The one evaluator: every algorithm is measured here, the same way (DESIGN.md "Evaluation").
+
+For a sampler π, the env's fixed eval prompts X and k samples per prompt at temperature T:
+
+- gold reward: mean of gold(x, y); standard error clustered by prompt (the k samples of a prompt
+  are not independent): se = sd(per-prompt means) / sqrt(|X|).
+- KL(π_T ‖ π_ref), sequence level, nats: π_T is the distribution actually sampled (logits / T),
+  π_ref is scored at T = 1, y ~ π_T.
+      k1 = Σ_t log π_T(y_t|x,y<t) − log π_ref(y_t|x,y<t)            (unbiased, can be < 0)
+      k3 = Σ_t (r_t − 1) − log r_t,  r_t = π_ref(y_t|·) / π_T(y_t|·)  (unbiased per token, ≥ 0)
+  Greedy decoding (T = 0) has no KL: NaN with kl_kind "none". A sampler that knows its KL in
+  closed form (best-of-N: log n − (n−1)/n) reports it with kl_kind "analytic".
+- win rate against the env's reference completion of the same prompt, judged by the gold reward
+  (a tie counts ½); standard error clustered by prompt.
+- gen_len: mean completion length in tokens (EOS included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from algorithms.policy import Policy, Rollout, Sampler
+
+
+@dataclass
+class EvalSet:
+    """The fixed evaluation prompts of an env and seed, with the reference completions' gold."""
+
+    prompts: list[str]
+    reference_gold: np.ndarray  # (P,) gold reward of the env's reference completion per prompt
+    gold: Callable[[list[str], list[str]], np.ndarray]
+
+
+def clustered_mean_se(values: np.ndarray, cluster: np.ndarray) -> tuple[float, float]:
+    """Mean of `values` and its standard error with samples clustered (e.g. by prompt)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    _, inverse = np.unique(cluster, return_inverse=True)
+    sums = np.bincount(inverse, weights=values)
+    counts = np.bincount(inverse)
+    means = sums / counts
+    mean = float(values.mean())
+    if len(means) < 2:
+        return mean, float("nan")
+    return mean, float(means.std(ddof=1) / math.sqrt(len(means)))
+
+
+@torch.no_grad()
+def kl_per_sample(
+    policy: Policy, reference: Policy, rollout: Rollout, *, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample sequence KL estimates (k1, k3) in nats for samples drawn from `policy` at rollout.temperature."""
+    temperature = rollout.temperature
+    k1, k3 = [], []
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        for i in range(0, len(rollout), batch_size):
+            p_ids = rollout.prompt_ids[i : i + batch_size]
+            c_ids = rollout.completion_ids[i : i + batch_size]
+            pi, mask = policy.token_logps(p_ids, c_ids, temperature=temperature)  # (B, T)
+            ref, _ = reference.token_logps(p_ids, c_ids, temperature=1.0)
+            pi, ref = pi.double(), ref.double().to(pi.device)
+            log_r = (ref - pi) * mask  # log π_ref/π_T per token, 0 on padding
+            k1.append(((pi - ref) * mask).sum(-1).cpu())
+            k3.append(((torch.exp(log_r) - 1 - log_r) * mask).sum(-1).cpu())
+    finally:
+        policy.model.train(was_training)
+    return torch.cat(k1).numpy(), torch.cat(k3).numpy()
+
+
+def sequence_kl(
+    policy: Policy,
+    reference: Policy,
+    prompts: Sequence[str],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> dict:
+    """KL(π_T ‖ π_ref) in nats per sequence from `num_samples` samples per prompt.
+
+    Returns kl (k1 mean), kl_se (clustered by prompt), kl_k3, kl_k3_se, n_samples.
+    """
+    if temperature <= 0:
+        raise ValueError("sequence KL needs temperature > 0 (greedy decoding has no sampling distribution)")
+    roll = policy.generate(
+        list(prompts), n=num_samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size,
+    )
+    k1, k3 = kl_per_sample(policy, reference, roll, batch_size=batch_size)
+    kl, kl_se = clustered_mean_se(k1, roll.prompt_index)
+    kl3, kl3_se = clustered_mean_se(k3, roll.prompt_index)
+    return {"kl": kl, "kl_se": kl_se, "kl_k3": kl3, "kl_k3_se": kl3_se, "n_samples": len(roll)}
+
+
+def sample_stats(
+    sampler: Sampler,
+    reference: Policy,
+    evalset: EvalSet,
+    *,
+    temperature: float,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 512,
+    prompt_subset: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-sample statistics on `prompt_subset` of the eval prompts (all by default).
+
+    Ranks of a data-parallel trial each take a slice of prompts; `summarize` of the concatenated
+    stats equals the single-process result. Keys: prompt (global prompt index), gold, win, length,
+    k1, k3 (NaN where KL is not estimable), analytic_kl (NaN unless the sampler has one).
+    """
+    subset = np.arange(len(evalset.prompts)) if prompt_subset is None else np.asarray(prompt_subset)
+    prompts = [evalset.prompts[i] for i in subset]
+    kwargs = {"batch_size": batch_size} if isinstance(sampler, Policy) else {}
+    roll = sampler.generate(
+        prompts, n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **kwargs
+    )
+    prompt = subset[roll.prompt_index]
+    gold = np.asarray(evalset.gold(roll.prompts, roll.completions), dtype=np.float64)
+    ref_gold = evalset.reference_gold[prompt]
+    n = len(roll)
+    stats = {
+        "prompt": prompt,
+        "gold": gold,
+        "win": np.where(gold > ref_gold, 1.0, np.where(gold == ref_gold, 0.5, 0.0)),
+        "length": roll.lengths.astype(np.float64),
+        "k1": np.full(n, np.nan),
+        "k3": np.full(n, np.nan),
+        "analytic_kl": np.full(n, np.nan),
+    }
+    analytic = getattr(sampler, "analytic_kl", None)
+    if callable(analytic):
+        stats["analytic_kl"][:] = float(analytic())
+    elif temperature > 0 and isinstance(sampler, Policy) and n:
+        stats["k1"], stats["k3"] = kl_per_sample(sampler, reference, roll, batch_size=batch_size)
+    return stats
+
+
+def summarize(stats: dict[str, np.ndarray], *, temperature: float) -> dict:
+    """One evaluation row (the metric columns of evals.parquet) from per-sample stats."""
+    prompt = stats["prompt"]
+    gold, gold_se = clustered_mean_se(stats["gold"], prompt)
+    win, win_se = clustered_mean_se(stats["win"], prompt)
+    row = {
+        "temperature": float(temperature),
+        "gold_reward": gold,
+        "gold_reward_se": gold_se,
+        "kl": float("nan"),
+        "kl_se": float("nan"),
+        "kl_k3": float("nan"),
+        "kl_k3_se": float("nan"),
+        "kl_kind": "none",
+        "win_rate": win,
+        "win_rate_se": win_se,
+        "gen_len": float(stats["length"].mean()) if len(prompt) else float("nan"),
+        "n_prompts": int(len(np.unique(prompt))),
+        "n_samples": int(len(prompt)),
+    }
+    if len(prompt) and not np.isnan(stats["analytic_kl"]).all():
+        row.update(kl=float(np.nanmean(stats["analytic_kl"])), kl_se=0.0, kl_kind="analytic")
+    elif len(prompt) and not np.isnan(stats["k1"]).any():
+        row["kl"], row["kl_se"] = clustered_mean_se(stats["k1"], prompt)
+        row["kl_k3"], row["kl_k3_se"] = clustered_mean_se(stats["k3"], prompt)
+        row["kl_kind"] = "estimated"
+    return row
+
+
+def concat_stats(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def evaluate(sampler: Sampler, reference: Policy, evalset: EvalSet, *, temperature: float, **kwargs) -> dict:
+    """`summarize(sample_stats(...))` in one process: one evaluation row for `sampler` at `temperature`."""
+    return summarize(sample_stats(sampler, reference, evalset, temperature=temperature, **kwargs), temperature=temperature)

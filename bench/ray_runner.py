@@ -1,0 +1,213 @@
+"""The one module of prefbench that talks to Ray (Train V2 + Tune).
+
+- `start_ray`: embedded `ray.init()` by default, or join a cluster with `--address`.
+- `run_env_stage`: the env's SFT stage as a Ray Train job (TorchTrainer, DeepSpeed in the workers).
+- `run_sweep`: ONE Ray Tune `Tuner` over the trials (algorithm × sweep point × seed). Each Tune trial
+  is a driver function that builds a `TorchTrainer` (the Train V2 pattern: `Tuner(TorchTrainer)` is
+  not supported) whose workers run `bench.worker.run_trial`; algorithms that train no policy
+  (the SFT baseline, samplers) run inside the trial process itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray import train as ray_train
+from ray import tune
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from algorithms import ALGORITHMS
+from bench import worker
+from bench.config import SuiteConfig, TrialSpec
+
+QUIET_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def logical_cpus(suite: SuiteConfig) -> int:
+    """Enough logical CPUs that `max_concurrent_trials` trials (1 CPU for the Tune driver + workers) fit."""
+    s = suite.scaling
+    per_trial = 1 + s.num_workers * s.cpus_per_worker
+    return max(os.cpu_count() or 1, math.ceil(s.max_concurrent_trials * per_trial))
+
+
+def start_ray(suite: SuiteConfig, address: str | None) -> None:
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    kwargs = dict(
+        log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False,
+        runtime_env={"env_vars": QUIET_ENV},
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=logical_cpus(suite), **kwargs)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _threads(suite: SuiteConfig, concurrent: int) -> int:
+    return max(1, (os.cpu_count() or 1) // (concurrent * suite.scaling.num_workers))
+
+
+def _scaling(suite: SuiteConfig) -> ScalingConfig:
+    s = suite.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+# ------------------------------------------------------------------------------ env stage
+def _env_loop(payload: dict) -> None:
+    worker.run_env_stage(payload, report=ray_train.report)
+
+
+def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> None:
+    """SFT the env's initial policy in `env_dir` (built already) as one Ray Train job."""
+    payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed, "threads": _threads(suite, 1)}
+    trainer = TorchTrainer(
+        _env_loop,
+        train_loop_config=payload,
+        scaling_config=_scaling(suite),
+        run_config=ray_train.RunConfig(
+            name=f"env-{env_dir.name}-{int(time.time())}", storage_path=str(storage),
+            worker_runtime_env={"env_vars": QUIET_ENV},
+        ),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------- sweep
+def _trial_loop(payload: dict) -> None:
+    worker.run_trial(payload, report=ray_train.report)
+
+
+def _trial_driver(config: dict, static: dict) -> None:
+    """A Tune trial: run one TrialSpec, in Train workers if it trains a policy, else right here."""
+    spec = config["trial"]
+    payload = {
+        "suite": static["suite"], "env_dir": static["env_dirs"][str(spec["seed"])], "trial": spec,
+        "trial_dir": str(Path(static["out"]) / "trials" / spec["trial_id"]), "threads": static["threads"],
+    }
+    if not ALGORITHMS.get(spec["algorithm"]).trains_policy:
+        worker.run_trial(payload, report=tune.report)
+        return
+    s = static["scaling"]
+    resources = {"CPU": s["cpus_per_worker"], **({"GPU": 1} if s["use_gpu"] else {})}
+    trainer = TorchTrainer(
+        _trial_loop,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=s["use_gpu"], resources_per_worker=resources),
+        run_config=ray_train.RunConfig(
+            name=f"{spec['trial_id']}-{tune.get_context().get_trial_id()}",
+            storage_path=static["storage"],
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": QUIET_ENV},
+        ),
+    )
+    trainer.fit()
+
+
+class Progress(tune.Callback):
+    """One short line per trial event on stderr, instead of Ray's tables."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.started: dict[str, float] = {}
+
+    @staticmethod
+    def _name(trial) -> str:
+        return trial.config["trial"]["trial_id"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[self._name(trial)] = time.time()
+        _say(f"[prefbench] start {self._name(trial)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "gold_reward" not in result:
+            return
+        kl = result.get("kl", float("nan"))
+        kl_txt = f"{kl:.2f}" if kl == kl else "n/a"
+        tag = "final" if result.get("final") else "eval "
+        steps = trial.config["trial"]["train"]["steps"]
+        _say(
+            f"[prefbench]   {self._name(trial)} {tag} step {result['step']}/{steps}: "
+            f"gold {result['gold_reward']:.3f}  KL {kl_txt} nats  win {result['win_rate']:.3f}  (T=1)"
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        took = time.time() - self.started.get(self._name(trial), time.time())
+        _say(f"[prefbench] done  {self._name(trial)} in {took:.0f}s ({self.done}/{self.total})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.done += 1
+        _say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}); see trials.parquet")
+
+
+def run_sweep(
+    suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path], out: Path
+) -> dict[str, str | None]:
+    """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded)."""
+    import dataclasses
+
+    storage = (out / "ray").resolve()
+    concurrent = min(suite.scaling.max_concurrent_trials, len(trials))
+    static = {
+        "suite": suite_dict,
+        "env_dirs": {str(k): str(v) for k, v in env_dirs.items()},
+        "out": str(out.resolve()),
+        "storage": str(storage),
+        "threads": _threads(suite, concurrent),
+        "scaling": dataclasses.asdict(suite.scaling),
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial_driver, static=static), {"CPU": 1}),
+        param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrent,
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name="sweep", storage_path=str(storage), verbose=0, callbacks=[Progress(len(trials))],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    grid = tuner.fit()
+    status: dict[str, str | None] = {}
+    for result in grid:
+        trial_id = result.config["trial"]["trial_id"]
+        status[trial_id] = None if result.error is None else _one_line(result.error)
+    return status
+
+
+def _one_line(error: BaseException) -> str:
+    cause = error
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    return " ".join(line.strip() for line in text if line.strip())[-500:]

@@ -1,0 +1,112 @@
+"""`prefbench run`: validate → start Ray → prepare envs (cached) → sweep → results → report."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from bench import __version__
+from bench.config import SuiteConfig, env_params, expand_trials, load_suite, to_yaml
+from envs import ENVS
+
+ENV_CACHE_FORMAT = 1  # bump when the layout of a prepared env changes
+
+
+class UserError(Exception):
+    """A mistake the user can fix (paths, existing output); printed as one line, exit 2."""
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cache_root(suite: SuiteConfig) -> Path:
+    root = suite.cache_dir or os.environ.get("PREFBENCH_CACHE") or Path.home() / ".cache" / "prefbench"
+    return Path(root).expanduser().resolve()
+
+
+def env_key(suite: SuiteConfig, seed: int) -> str:
+    """Content hash of everything a prepared env depends on."""
+    params = dataclasses.asdict(env_params(suite))
+    blob = json.dumps(
+        {"env": suite.env.name, "params": params, "seed": seed, "bf16": suite.deepspeed.bf16,
+         "format": ENV_CACHE_FORMAT, "env_version": getattr(ENVS.get(suite.env.name), "version", 0)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: Path) -> Path:
+    """Build + SFT the env for `seed` once; later runs with the same config reuse the cache."""
+    from bench import ray_runner
+
+    env = ENVS.get(suite.env.name)
+    workdir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+    if (workdir / "DONE").exists():
+        _say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {workdir}")
+        return workdir
+    tmp = workdir.with_name(f"{workdir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    _say(f"[prefbench] env {suite.env.name} seed {seed}: building data, tokenizer and initial model")
+    env.build(env_params(suite), seed, tmp)
+    _say(f"[prefbench] env {suite.env.name} seed {seed}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
+    ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
+    (tmp / "DONE").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "prefbench": __version__}))
+    if workdir.exists():  # another run finished it meanwhile: keep theirs
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, workdir)
+    _say(f"[prefbench] env {suite.env.name} seed {seed}: ready in {time.time() - t0:.0f}s ({workdir})")
+    return workdir
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "prefbench": __version__}
+    for name in ("torch", "ray", "deepspeed", "transformers", "tokenizers", "datasets", "pandas", "vaderSentiment"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def default_out(suite: SuiteConfig) -> Path:
+    return Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(suite_path: str | None, overrides: list[str], out: str | None, address: str | None) -> Path:
+    suite = load_suite(suite_path, overrides)  # ConfigError before anything starts
+    trials = expand_trials(suite)
+    out_dir = Path(out) if out else default_out(suite)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out_dir}: already exists and is not an empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
+    (out_dir / "config.yaml").write_text(to_yaml(suite))
+    (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+
+    from bench import ray_runner, report, results
+
+    t0 = time.time()
+    _say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
+    ray_runner.start_ray(suite, address)
+    try:
+        storage = (out_dir / "ray").resolve()
+        env_dirs = {seed: prepare_env(suite, suite_dict, seed, storage) for seed in suite.seeds}
+        status = ray_runner.run_sweep(suite, suite_dict, trials, env_dirs, out_dir)
+    finally:
+        ray_runner.stop_ray()
+    evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
+    path = report.write_report(out_dir)
+    ok = int((trials_df["status"] == "ok").sum())
+    _say(f"[prefbench] {ok}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
+    return out_dir

@@ -1,0 +1,245 @@
+"""What runs inside one Ray Train worker (or a Tune trial process): no Ray imports here.
+
+bench.ray_runner hands these functions a plain-dict payload and a `report(metrics)` callable
+(ray.train.report / ray.tune.report); everything else — DeepSpeed, the env, the algorithm, the
+evaluator — is plain PyTorch, so a trial can also be run and debugged in one process.
+
+One DeepSpeed engine per process: every Ray Train worker is a fresh actor process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from algorithms import ALGORITHMS
+from algorithms.interface import TrainContext, TrainSettings, warmup_lambda
+from algorithms.policy import Policy
+from algorithms.sft import lm_finetune
+from bench.config import DeepSpeedSettings, SuiteConfig, TrialSpec, build_dataclass, env_params
+from bench.evaluate import EvalSet, concat_stats, sample_stats, summarize
+from envs import ENVS
+from envs.base import load_env_data
+
+Report = Callable[[dict], None]
+
+
+def _quiet() -> None:
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _setup(payload: dict) -> tuple[SuiteConfig, int, int, torch.device]:
+    _quiet()
+    torch.set_num_threads(int(payload.get("threads", 1)))
+    suite = build_dataclass(SuiteConfig, payload["suite"], "")
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if suite.scaling.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return suite, rank, world, device
+
+
+def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: int) -> dict:
+    """The DeepSpeed config of a stage: one micro-batch per rank per step, no accumulation."""
+    config = {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": train.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.max_grad_norm > 0:
+        config["gradient_clipping"] = train.max_grad_norm
+    return config
+
+
+def wrap_with_deepspeed(
+    policy: Policy, train: TrainSettings, ds: DeepSpeedSettings, world_size: int
+) -> Callable[[torch.Tensor], dict]:
+    """Wrap `policy.model` in a DeepSpeed engine (torch AdamW, linear warm-up); return `optimize`.
+
+    A torch optimizer, not DeepSpeed's fused Adam, which would JIT-compile C++ on first use.
+    """
+    import deepspeed
+
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(train.warmup_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=policy.model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(train, ds, world_size),
+    )
+    policy.engine = engine
+    policy.model = engine.module
+
+    def optimize(loss: torch.Tensor) -> dict:
+        lr = engine.get_lr()[0]
+        engine.backward(loss)
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return {"lr": float(lr), "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    return optimize
+
+
+def _all_gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------- SFT stage
+def run_env_stage(payload: dict, report: Report) -> None:
+    """The env's heavy stage: SFT of the initial policy on the env corpus, then pairs/references."""
+    suite, rank, world, device = _setup(payload)
+    env = ENVS.get(suite.env.name)
+    params = env_params(suite)
+    workdir = Path(payload["env_dir"])
+    seed = int(payload["seed"])
+    torch.manual_seed(seed)
+    policy = env.load_policy(workdir, "init")
+    policy.model.to(device)
+    corpus = env.sft_corpus(params, workdir)
+    t0 = time.time()
+    if corpus is not None:
+        train = env.sft_settings(params)
+        optimize = wrap_with_deepspeed(policy, train, suite.deepspeed, world)
+        lm_finetune(
+            policy, corpus, train, optimize, seed=seed, rank=rank, world_size=world,
+            log=lambda step, m: report({"stage": "sft", "step": step, "total_steps": train.steps, **m}),
+        )
+    if rank == 0:
+        policy.model.eval()
+        policy.save_pretrained(workdir / "sft")
+        env.finish(policy, params, seed, workdir)
+        (workdir / "sft_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    _barrier(world)
+    report({"stage": "env", "done": 1})
+
+
+# ----------------------------------------------------------------------------------- trials
+def run_trial(payload: dict, report: Report) -> None:
+    """One trial: load the env, wrap the policy in DeepSpeed, run the algorithm, evaluate."""
+    suite, rank, world, device = _setup(payload)
+    spec = TrialSpec(**payload["trial"])
+    algo = ALGORITHMS.get(spec.algorithm)
+    env = ENVS.get(suite.env.name)
+    workdir = Path(payload["env_dir"])
+    trial_dir = Path(payload["trial_dir"])
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+
+    data = load_env_data(workdir)
+    ev = suite.eval
+    n_eval = min(ev.num_prompts, len(data.eval_prompts))
+    if data.references["prompt"].tolist()[:n_eval] != data.eval_prompts[:n_eval]:
+        raise ValueError(f"env {env.name}: references.parquet is not aligned with the eval prompts")
+    evalset = EvalSet(
+        prompts=data.eval_prompts[:n_eval],
+        reference_gold=data.references["gold"].to_numpy()[:n_eval],
+        gold=env.gold,
+    )
+    reference = env.load_policy(workdir, "sft").freeze()
+    reference.model.to(device)
+    train = TrainSettings(**spec.train)
+    params = algo.params_cls(**spec.params)
+
+    policy, optimize = reference, None
+    if algo.trains_policy:
+        policy = env.load_policy(workdir, "sft")
+        policy.model.to(device)
+        optimize = wrap_with_deepspeed(policy, train, suite.deepspeed, world)
+
+    eval_time = 0.0
+    rows_path = trial_dir / "evals.jsonl"
+    log_path = trial_dir / "train_log.jsonl"
+    meta = {
+        "suite": suite.name, "env": suite.env.name, "algorithm": spec.algorithm, "trial_id": spec.trial_id,
+        "seed": spec.seed, "knob": spec.knob, "knob_value": spec.knob_value,
+        "params": json.dumps(spec.params, sort_keys=True),
+    }
+    # this rank's slice of the eval prompts; rank 0 gathers and writes
+    my_prompts = np.arange(rank, n_eval, world)
+
+    def evaluate(sampler, step: int, *, final: bool = False) -> dict:
+        nonlocal eval_time
+        t0 = time.time()
+        temps = ev.temperatures if final else [1.0]
+        rows = []
+        for temperature in temps:
+            stats = sample_stats(
+                sampler, reference, evalset, temperature=temperature, samples_per_prompt=ev.samples_per_prompt,
+                max_new_tokens=ev.max_new_tokens, seed=1_000_003 * spec.seed + int(round(temperature * 1000)),
+                batch_size=ev.batch_size, prompt_subset=my_prompts,
+            )
+            parts = _all_gather(stats, world)
+            rows.append(summarize(concat_stats(parts), temperature=temperature))
+        eval_time += time.time() - t0
+        wall = time.time() - t_start
+        at_t1 = next((r for r in rows if r["temperature"] == 1.0), rows[-1])
+        if rank == 0:
+            with rows_path.open("a") as f:
+                for r in rows:
+                    f.write(json.dumps({**meta, "step": step, **r, "final": final,
+                                        "train_time_s": wall - eval_time, "wall_time_s": wall}) + "\n")
+        report({
+            "trial_id": spec.trial_id, "step": step, "final": int(final),
+            "gold_reward": at_t1["gold_reward"], "kl": at_t1["kl"], "win_rate": at_t1["win_rate"],
+        })
+        return at_t1
+
+    def log(step: int, metrics: dict) -> None:
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    ctx = TrainContext(
+        policy=policy, reference=reference, params=params, train=train, data=data,
+        optimize=optimize or _no_optimizer, evaluate=evaluate, log=log,
+        gold=env.gold if "gold" in algo.needs else None, seed=spec.seed, rank=rank, world_size=world,
+    )
+    summary = algo.train(ctx) or {}
+    if rank == 0:
+        if algo.trains_policy and payload.get("save_policy", True):
+            policy.save_pretrained(trial_dir / "policy")
+        wall = time.time() - t_start
+        (trial_dir / "summary.json").write_text(json.dumps(
+            {**meta, **summary, "train_time_s": wall - eval_time, "wall_time_s": wall, "eval_time_s": eval_time}
+        ))
+    _barrier(world)
+
+
+def _no_optimizer(loss: torch.Tensor) -> dict:
+    raise RuntimeError("this algorithm declared trains_policy=False but called ctx.optimize")

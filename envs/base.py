@@ -1,0 +1,107 @@
+"""The env contract and the helpers every env shares.
+
+An env is an object with these members (a Protocol, no base class):
+
+- `name: str`, `params_cls` (a dataclass with defaults; `__post_init__` raises ParamError).
+- `build(params, seed, workdir)`: the cheap, deterministic part (data, tokenizer, the initial
+  model) written under `workdir`. Runs in the driver process.
+- `sft_corpus(params, workdir) -> list[str] | None`: texts the SFT stage trains on (whole texts,
+  BOS + text + EOS), or None when the initial policy already is the SFT policy.
+- `sft_settings(params) -> TrainSettings`: optimisation of the SFT stage.
+- `load_policy(workdir, stage)`: the Policy of stage "init" (before SFT) or "sft" (the reference).
+- `finish(sft, params, seed, workdir)`: with the SFT policy in hand, write prompts.parquet,
+  pairs.parquet and references.parquet (see `write_env_data`).
+- `gold(prompts, completions) -> np.ndarray`: the gold reward, a float per completion, higher is
+  better; never used for training except by algorithms that declare needs={"gold"}.
+
+bench runs build → SFT (a Ray Train job with DeepSpeed) → finish once per (env params, seed),
+cached by content hash, and hands algorithms an `EnvData` read by `load_env_data`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+
+from algorithms.interface import EnvData, TrainSettings
+from algorithms.policy import Policy
+
+
+class Env(Protocol):
+    name: str
+    params_cls: type
+
+    def build(self, params, seed: int, workdir: Path) -> None: ...
+    def sft_corpus(self, params, workdir: Path) -> list[str] | None: ...
+    def sft_settings(self, params) -> TrainSettings: ...
+    def load_policy(self, workdir: Path, stage: str) -> Policy: ...
+    def finish(self, sft: Policy, params, seed: int, workdir: Path) -> None: ...
+    def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...
+
+
+def pairs_from_samples(
+    sft: Policy,
+    prompts: list[str],
+    gold: Callable[[list[str], list[str]], np.ndarray],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    min_gap: float,
+    seed: int,
+) -> pd.DataFrame:
+    """The paper's recipe: k SFT samples per prompt at T = 1, every pair ranked by the gold reward.
+
+    All k(k-1)/2 pairs per prompt whose gold gap is at least `min_gap` are kept, the higher-reward
+    completion as `chosen`. Columns: prompt, chosen, rejected, chosen_gold, rejected_gold.
+    """
+    roll = sft.generate(prompts, n=samples_per_prompt, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    scores = gold(roll.prompts, roll.completions)
+    rows = []
+    for p in range(len(prompts)):
+        lo = p * samples_per_prompt
+        for i, j in itertools.combinations(range(lo, lo + samples_per_prompt), 2):
+            if abs(scores[i] - scores[j]) < min_gap or roll.completions[i] == roll.completions[j]:
+                continue
+            w, l = (i, j) if scores[i] > scores[j] else (j, i)
+            rows.append((prompts[p], roll.completions[w], roll.completions[l], scores[w], scores[l]))
+    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"])
+
+
+def references_from_samples(
+    sft: Policy,
+    prompts: list[str],
+    gold: Callable[[list[str], list[str]], np.ndarray],
+    *,
+    max_new_tokens: int,
+    seed: int,
+) -> pd.DataFrame:
+    """One SFT sample per eval prompt at T = 1: the baseline win rates are measured against."""
+    roll = sft.generate(prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    return pd.DataFrame(
+        {"prompt": roll.prompts, "completion": roll.completions, "gold": gold(roll.prompts, roll.completions)}
+    )
+
+
+def write_env_data(
+    workdir: Path, *, train_prompts: list[str], eval_prompts: list[str], pairs: pd.DataFrame, references: pd.DataFrame
+) -> None:
+    prompts = pd.DataFrame(
+        {"prompt": train_prompts + eval_prompts, "split": ["train"] * len(train_prompts) + ["eval"] * len(eval_prompts)}
+    )
+    prompts.to_parquet(workdir / "prompts.parquet", index=False)
+    pairs.to_parquet(workdir / "pairs.parquet", index=False)
+    references.to_parquet(workdir / "references.parquet", index=False)
+
+
+def load_env_data(workdir: Path) -> EnvData:
+    prompts = pd.read_parquet(workdir / "prompts.parquet")
+    return EnvData(
+        train_prompts=prompts.loc[prompts["split"] == "train", "prompt"].tolist(),
+        eval_prompts=prompts.loc[prompts["split"] == "eval", "prompt"].tolist(),
+        pairs=pd.read_parquet(workdir / "pairs.parquet"),
+        references=pd.read_parquet(workdir / "references.parquet"),
+    )
