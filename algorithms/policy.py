@@ -132,8 +132,13 @@ class Policy:
         max_new_tokens: int = 32,
         seed: int = 0,
         batch_size: int = 512,
+        return_logps: bool = False,
     ) -> Rollout:
-        """Sample `n` completions per prompt at `temperature` (0 = greedy), stopping at EOS."""
+        """Sample `n` completions per prompt at `temperature` (0 = greedy), stopping at EOS.
+
+        With `return_logps`, `extras["sample_logps"]` holds each sample's sequence log-prob under
+        the distribution it was drawn from (log π_T, from generation's own scores), shape (N,).
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         prompt_ids = self.encode_prompts(prompts)
@@ -141,6 +146,7 @@ class Policy:
         flat_prompts = [p for p in prompts for _ in range(n)]
         index = np.repeat(np.arange(len(prompts)), n)
         completion_ids: list[list[int]] = []
+        sample_logps: list[float] = []
         was_training = self.model.training
         self.model.eval()
         try:
@@ -148,7 +154,9 @@ class Policy:
                 torch.manual_seed(seed)
                 for start in range(0, len(flat_prompt_ids), batch_size):
                     batch = flat_prompt_ids[start : start + batch_size]
-                    completion_ids.extend(self._generate_batch(batch, temperature, max_new_tokens))
+                    ids, logps = self._generate_batch(batch, temperature, max_new_tokens, return_logps)
+                    completion_ids.extend(ids)
+                    sample_logps.extend(logps)
         finally:
             self.model.train(was_training)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -159,13 +167,14 @@ class Policy:
             prompt_ids=flat_prompt_ids,
             completion_ids=completion_ids,
             temperature=float(temperature),
+            extras={"sample_logps": np.asarray(sample_logps)} if return_logps else {},
         )
 
     def _rng_devices(self) -> list:
         dev = self.device
         return [dev] if dev.type == "cuda" else []
 
-    def _generate_batch(self, batch: list[list[int]], temperature: float, max_new_tokens: int):
+    def _generate_batch(self, batch: list[list[int]], temperature: float, max_new_tokens: int, return_logps: bool):
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -188,16 +197,25 @@ class Policy:
             use_cache=True,
         )
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-        )  # (B, width + new)
-        new = out[:, width:].tolist()
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            return_dict_in_generate=True, output_scores=return_logps,
+        )
+        new_ids = out.sequences[:, width:]  # (B, new)
         eos = tok.eos_token_id
         result = []
-        for row in new:
+        for row in new_ids.tolist():
             if eos in row:
                 row = row[: row.index(eos) + 1]  # keep the EOS: its probability is part of y
             result.append(row)
-        return result
+        logps: list[float] = []
+        if return_logps and result:
+            # scores: one (B, V) tensor per step, logits after the temperature warper
+            scores = torch.stack(out.scores, 1).float()  # (B, new, V)
+            tok_logps = torch.log_softmax(scores, -1).gather(-1, new_ids.unsqueeze(-1)).squeeze(-1)
+            lengths = torch.tensor([len(r) for r in result], device=scores.device)
+            mask = torch.arange(new_ids.shape[1], device=scores.device)[None, :] < lengths[:, None]
+            logps = (tok_logps * mask).sum(-1).tolist()
+        return result, logps
 
     # ------------------------------------------------------------------ teacher forcing
     def token_logps(

@@ -201,12 +201,25 @@ def apply_override(raw: dict, assignment: str) -> None:
         node[last] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a repeated key is an error instead of a silent overwrite."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_suite(path: str | Path | None = None, overrides: list[str] | None = None) -> SuiteConfig:
     path = Path(path) if path else QUICK_SUITE
     if not path.is_file():
         raise ConfigError(f"suite file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -279,7 +292,7 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
             knob_value = params_dict.get(algo.knob) if algo.knob else None
             for seed in suite.seeds:
                 label = ",".join(f"{k}={v}" for k, v in zip(keys, point))
-                trial_id = f"{spec.name}" + (f"[{label}]" if label else "") + f"-seed{seed}"
+                trial_id = f"{spec.name}-" + (f"{label}-" if label else "") + f"seed{seed}"
                 if trial_id in seen:
                     raise ConfigError(f"{where}: duplicates trial {trial_id}")
                 seen.add(trial_id)

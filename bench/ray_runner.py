@@ -50,7 +50,7 @@ def logical_cpus(suite: SuiteConfig) -> int:
 def start_ray(suite: SuiteConfig, address: str | None) -> None:
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: verbose=0 is silent
     kwargs = dict(
         log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False,
         runtime_env={"env_vars": QUIET_ENV},

@@ -95,6 +95,9 @@ def run(suite_path: str | None, overrides: list[str], out: str | None, address: 
     (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
 
     from bench import ray_runner, report, results
+    from bench.worker import _quiet
+
+    _quiet()
 
     t0 = time.time()
     _say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")

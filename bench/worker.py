@@ -94,8 +94,13 @@ def wrap_with_deepspeed(
     def optimize(loss: torch.Tensor) -> dict:
         lr = engine.get_lr()[0]
         engine.backward(loss)
+        norm = None
+        if ds.zero_stage == 0:  # DeepSpeed only tracks the norm for ZeRO >= 1; grads are whole here
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else None
         engine.step()
-        norm = engine.get_global_grad_norm()
+        if norm is None:
+            norm = engine.get_global_grad_norm()
         return {"lr": float(lr), "grad_norm": float(norm) if norm is not None else float("nan")}
 
     return optimize

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny, untrained tiny-sentiment policy built in seconds (no Ray, no SFT)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_env_dir(tmp_path_factory):
+    from envs import ENVS
+
+    env = ENVS.get("tiny-sentiment")
+    params = env.params_cls(num_reviews=300, num_train_prompts=40, num_eval_prompts=16, n_layer=1, n_embd=32, n_head=2)
+    workdir = tmp_path_factory.mktemp("tiny-env")
+    env.build(params, 0, workdir)
+    return workdir
+
+
+@pytest.fixture
+def policy(tiny_env_dir):
+    import torch
+    from algorithms.policy import Policy
+
+    torch.manual_seed(0)
+    return Policy.from_pretrained(tiny_env_dir / "init")
+
+
+@pytest.fixture
+def prompts():
+    return ["the movie was", "i loved the", "overall it", "the plot and"]

@@ -1,0 +1,101 @@
+"""User mistakes in suites: one line on stderr naming the key, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bench.config import ConfigError, expand_trials, load_suite
+
+GOOD = textwrap.dedent("""\
+    name: t
+    env: {name: tiny-sentiment}
+    train: {steps: 5, batch_size: 8}
+    algorithms:
+      - name: dpo
+        sweep: {beta: [0.5, 1.0]}
+    """)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "suite, key",
+    [
+        (GOOD.replace("train:", "trian:"), "trian: unknown key"),
+        (GOOD.replace("steps: 5", "step: 5"), "train.step: unknown key"),
+        (GOOD.replace("beta: [0.5, 1.0]", "beta: [0.5, 0.0]"), "algorithms[0].sweep.beta: must be > 0"),
+        (GOOD.replace("beta: [0.5, 1.0]", "bta: [0.5]"), "algorithms[0].sweep.bta: unknown parameter"),
+        (GOOD.replace("name: dpo", "name: dpoo"), "algorithms[0].name: unknown algorithm 'dpoo'"),
+        (GOOD.replace("tiny-sentiment", "tiny-sentimnt"), "env.name: unknown env 'tiny-sentimnt'"),
+        (GOOD.replace("steps: 5", "steps: five"), "train.steps: expected int"),
+        (GOOD + "eval: {temperatures: [1.0, -0.5]}\n", "eval.temperatures: must be >= 0"),
+        (GOOD + "scaling: {num_workers: 3}\n", "train.batch_size: must be divisible by scaling.num_workers"),
+        (GOOD + "deepspeed: {zero_stage: 4}\n", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
+        (GOOD + "env: {params: {num_reviews: 0}}\n", "duplicate key 'env' (line 7)"),
+        (GOOD.replace("{name: tiny-sentiment}", "{name: tiny-sentiment, params: {num_reviews: 0}}"),
+         "env.params.num_reviews: must be an integer >= 1"),
+    ],
+)
+def test_bad_suites_fail_with_one_line_and_exit_2(tmp_path, suite, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(suite)
+    out = tmp_path / "out"
+    proc = _cli("run", str(path), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("prefbench: error: ")
+    assert key in lines[0]
+    assert not out.exists()  # nothing half-written
+
+
+def test_missing_suite_file_and_bad_override(tmp_path):
+    proc = _cli("run", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+    proc = _cli("run", "--set", "train.lr=-1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "train.lr: must be > 0" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_directory_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    proc = _cli("run", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+
+def test_report_of_a_non_run_directory(tmp_path):
+    proc = _cli("report", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+def test_quick_suite_and_overrides_expand_to_the_sweep_grid():
+    suite = load_suite(None, ["seeds=[0, 1]", "algorithms.0.sweep.beta=[0.5, 1.0]"])
+    trials = expand_trials(suite)
+    ids = [t.trial_id for t in trials]
+    assert ids == ["sft-seed0", "sft-seed1", "dpo-beta=0.5-seed0", "dpo-beta=0.5-seed1",
+                   "dpo-beta=1.0-seed0", "dpo-beta=1.0-seed1"]
+    dpo = trials[2]
+    assert dpo.knob == "beta" and dpo.knob_value == 0.5 and dpo.params == {"beta": 0.5}
+    assert dpo.train["steps"] == suite.train.steps
+
+
+def test_quick_suite_is_the_default_with_four_betas_and_five_temperatures():
+    suite = load_suite(None)
+    assert suite.env.name == "tiny-sentiment"
+    assert len(suite.algorithms[0].sweep["beta"]) >= 4
+    assert suite.eval.temperatures == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_per_algorithm_train_override_and_list_index_errors():
+    suite = load_suite(None, ["algorithms.0.train={steps: 7}"])
+    assert {t.train["steps"] for t in expand_trials(suite) if t.algorithm == "dpo"} == {7}
+    with pytest.raises(ConfigError, match="no list item"):
+        load_suite(None, ["algorithms.3.name=dpo"])

@@ -1,0 +1,119 @@
+"""`prefbench run` end to end on a shrunk quick suite: real Ray Train + Tune + DeepSpeed, real files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench.results import EVAL_COLUMNS
+
+SHRINK = [
+    "env.params.num_reviews=1500", "env.params.sft_epochs=1", "env.params.num_train_prompts=100",
+    "env.params.num_eval_prompts=32", "env.params.n_layer=2", "env.params.n_embd=64",
+    "train.steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=6",
+    "eval.num_prompts=32", "eval.samples_per_prompt=4", "eval.max_new_tokens=24",
+    "algorithms.0.sweep.beta=[0.5,2.0]", "scaling.max_concurrent_trials=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    out = base / "out"
+    env = {**os.environ, "PREFBENCH_CACHE": str(base / "cache")}
+    args = [sys.executable, "-m", "bench.cli", "run", "--out", str(out)]
+    for s in SHRINK:
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stderr, base / "cache"
+
+
+@pytest.mark.slow
+def test_run_writes_results_config_versions_and_report(run_dir):
+    out, stderr, _ = run_dir
+    for name in ("evals.parquet", "trials.parquet", "config.yaml", "versions.json", "report.md"):
+        assert (out / name).is_file(), name
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert sorted(trials["trial_id"]) == ["dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "sft-seed0"]
+    assert (trials["status"] == "ok").all(), trials[["trial_id", "reason"]]
+    evals = pd.read_parquet(out / "evals.parquet")
+    assert list(evals.columns[: len(EVAL_COLUMNS)]) == EVAL_COLUMNS
+    versions = json.loads((out / "versions.json").read_text())
+    assert {"torch", "ray", "deepspeed", "transformers"} <= set(versions)
+    # progress lines name trials and steps
+    assert "[prefbench] start dpo-beta=0.5-seed0" in stderr
+    assert "step 6/12" in stderr
+
+
+@pytest.mark.slow
+def test_evaluation_rows_follow_the_schedule_and_the_kl_definition(run_dir):
+    out, _, _ = run_dir
+    evals = pd.read_parquet(out / "evals.parquet")
+    dpo = evals[evals["trial_id"] == "dpo-beta=0.5-seed0"]
+    # T=1 at steps 0 and 6, then the final step at every temperature
+    assert sorted(dpo.loc[~dpo["final"], "step"]) == [0, 6]
+    final = dpo[dpo["final"]]
+    assert set(final["step"]) == {12}
+    assert sorted(final["temperature"]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    greedy = final[final["temperature"] == 0.0].iloc[0]
+    assert math.isnan(greedy["kl"]) and greedy["kl_kind"] == "none"
+    t1 = final[final["temperature"] == 1.0].iloc[0]
+    assert t1["kl_kind"] == "estimated" and t1["kl"] > 0 and t1["kl_k3"] > 0
+    assert t1["n_samples"] == 32 * 4 and t1["n_prompts"] == 32
+    assert 0 <= t1["gold_reward"] <= 1 and 0 <= t1["win_rate"] <= 1
+    sft = evals[evals["algorithm"] == "sft"]
+    assert (sft.loc[sft["temperature"] > 0, "kl"] >= 0).all()
+    assert (sft.loc[sft["temperature"] == 1.0, "kl"] == 0).all()  # the reference against itself
+    # the step-0 evaluation of a DPO trial is the SFT policy: same numbers as the baseline at T=1
+    step0 = dpo[(dpo["step"] == 0)].iloc[0]
+    assert step0["gold_reward"] == pytest.approx(sft[sft["temperature"] == 1.0].iloc[0]["gold_reward"])
+    # the smaller beta moved further from the reference
+    kl = {b: evals[(evals["knob_value"] == b) & evals["final"] & (evals["temperature"] == 1.0)]["kl"].iloc[0]
+          for b in (0.5, 2.0)}
+    assert kl[0.5] > kl[2.0]
+
+
+@pytest.mark.slow
+def test_report_table_and_report_command(run_dir):
+    out, _, _ = run_dir
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| dpo") or line.startswith("| sft")]
+    assert len(rows) == 3
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert (out / "report.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_trained_policy_loads_with_plain_transformers(run_dir):
+    out, _, _ = run_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = out / "trials" / "dpo-beta=0.5-seed0" / "policy"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("the movie was", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_prepared_env(run_dir):
+    out, stderr, cache = run_dir
+    from bench.config import load_suite
+    from bench.run import prepare_env
+
+    assert "SFT + pairs as a Ray Train job" in stderr
+    suite = load_suite(None, SHRINK + [f"cache_dir={cache}"])
+    envs = list((cache / "envs").iterdir())
+    assert len(envs) == 1 and (envs[0] / "DONE").exists()
+    mtime = (envs[0] / "sft" / "model.safetensors").stat().st_mtime
+    # no Ray started here: a cached env returns before any job is submitted
+    assert prepare_env(suite, {}, 0, out / "unused") == envs[0]
+    assert (envs[0] / "sft" / "model.safetensors").stat().st_mtime == mtime

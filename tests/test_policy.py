@@ -1,0 +1,64 @@
+"""Policy: generation (seeded, greedy, EOS) and teacher-forced log-probs agree with each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.policy import Policy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logps_match_the_sampled_tokens(policy, prompts, temperature):
+    roll = policy.generate(prompts, n=8, temperature=temperature, max_new_tokens=12, seed=3, return_logps=True)
+    scored = policy.sequence_logps_batched(roll.prompt_ids, roll.completion_ids, temperature=temperature)
+    # left-padded KV-cache generation vs right-padded teacher forcing: same numbers up to float noise
+    np.testing.assert_allclose(scored.numpy(), roll.extras["sample_logps"], rtol=1e-4, atol=1e-4)
+    assert np.all(scored.numpy() < 0)
+
+
+def test_token_logps_mask_prompt_and_padding(policy):
+    p_ids = policy.encode_prompts(["the movie was", "i"])
+    c_ids = policy.encode_completions(["very good .", "loved the film and the cast ."])
+    logps, mask = policy.token_logps(p_ids, c_ids)
+    assert logps.shape == mask.shape == (2, max(len(c) for c in c_ids))
+    assert mask.sum(-1).tolist() == [len(c) for c in c_ids]
+    assert torch.all(logps[mask == 0] == 0)
+    # each row scored alone gives the same numbers: padding does not leak into real tokens
+    for i in range(2):
+        alone, _ = policy.token_logps([p_ids[i]], [c_ids[i]])
+        torch.testing.assert_close(alone[0, : len(c_ids[i])], logps[i, : len(c_ids[i])], atol=1e-5, rtol=1e-5)
+
+
+def test_generation_is_seeded_greedy_is_deterministic_and_stops_at_eos(policy, prompts):
+    a = policy.generate(prompts, n=3, temperature=1.0, max_new_tokens=10, seed=7)
+    b = policy.generate(prompts, n=3, temperature=1.0, max_new_tokens=10, seed=7)
+    c = policy.generate(prompts, n=3, temperature=1.0, max_new_tokens=10, seed=8)
+    assert a.completion_ids == b.completion_ids
+    assert a.completion_ids != c.completion_ids
+    assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    g1 = policy.generate(prompts, n=2, temperature=0.0, max_new_tokens=10, seed=1)
+    g2 = policy.generate(prompts, n=1, temperature=0.0, max_new_tokens=10, seed=2)
+    assert g1.completion_ids[::2] == g2.completion_ids
+    eos = policy.tokenizer.eos_token_id
+    for ids in a.completion_ids + g1.completion_ids:
+        assert 1 <= len(ids) <= 10
+        assert eos not in ids[:-1]  # nothing after EOS
+
+
+def test_reference_is_frozen_and_save_load_round_trips(policy, tmp_path, prompts):
+    ref = policy.frozen_copy()
+    assert all(not p.requires_grad for p in ref.model.parameters())
+    assert not ref.model.training
+    policy.save_pretrained(tmp_path / "p")
+    loaded = Policy.from_pretrained(tmp_path / "p")
+    roll = policy.generate(prompts, n=2, temperature=1.0, max_new_tokens=8, seed=0)
+    a = policy.sequence_logps_batched(roll.prompt_ids, roll.completion_ids)
+    b = loaded.sequence_logps_batched(roll.prompt_ids, roll.completion_ids)
+    torch.testing.assert_close(a, b)
+    # plain transformers reads it too
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.n_layer == 1
+    assert AutoTokenizer.from_pretrained(tmp_path / "p").eos_token == "<eos>"
