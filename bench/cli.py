@@ -1,7 +1,8 @@
 """The `prefbench` command: run, list, report.
 
-User mistakes (bad suite, unknown plugin, missing file, existing --out) are one line on stderr and
-exit code 2, before Ray starts and before anything is written.
+User mistakes (bad suite, unknown plugin, missing file, existing --out, an env that came out empty)
+are one line on stderr and exit code 2, with nothing left in OUT. A run whose trials partly failed
+still writes every result and exits 1; trials.parquet names each failure.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from bench.run import run
 
-            run(args.suite, args.overrides, args.out, args.address)
+            _, failed = run(args.suite, args.overrides, args.out, args.address)
+            if failed:
+                return 1  # results are written; trials.parquet says which trials failed and why
     except (ConfigError, UserError) as e:
         print(f"prefbench: error: {e}", file=sys.stderr)
         return 2

@@ -83,33 +83,64 @@ def default_out(suite: SuiteConfig) -> Path:
     return Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(suite_path: str | None, overrides: list[str], out: str | None, address: str | None) -> Path:
+def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
+    """An env that came out empty is a user-fixable problem (its params), not a crash mid-sweep."""
+    from algorithms import ALGORITHMS
+    from envs.base import load_env_data
+
+    data = load_env_data(workdir)
+    where = f"env {suite.env.name} (seed {seed})"
+    if not data.eval_prompts:
+        raise UserError(f"{where} has no eval prompts; check env.params")
+    needs = set().union(*(ALGORITHMS.get(a.name).needs for a in suite.algorithms))
+    if "pairs" in needs and len(data.pairs) == 0:
+        raise UserError(f"{where} produced no preference pairs; check env.params (e.g. min_gold_gap)")
+    if "prompts" in needs and not data.train_prompts:
+        raise UserError(f"{where} has no train prompts; check env.params")
+
+
+def run(suite_path: str | None, overrides: list[str], out: str | None, address: str | None) -> tuple[Path, int]:
+    """Run a suite; returns (OUT, number of failed trials). A UserError leaves no OUT behind."""
     suite = load_suite(suite_path, overrides)  # ConfigError before anything starts
     trials = expand_trials(suite)
     out_dir = Path(out) if out else default_out(suite)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"--out {out_dir}: already exists and is not an empty directory")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
-    (out_dir / "config.yaml").write_text(to_yaml(suite))
-    (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    try:
+        return out_dir, _run(suite, trials, out_dir, address)
+    except UserError:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for child in out_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
 
+
+def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -> int:
     from bench import ray_runner, report, results
     from bench.worker import _quiet
 
     _quiet()
-
+    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
     t0 = time.time()
     _say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
     ray_runner.start_ray(suite, address)
     try:
         storage = (out_dir / "ray").resolve()
-        env_dirs = {seed: prepare_env(suite, suite_dict, seed, storage) for seed in suite.seeds}
+        env_dirs = {}
+        for seed in suite.seeds:
+            env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage)
+            check_env_data(suite, seed, env_dirs[seed])
         status = ray_runner.run_sweep(suite, suite_dict, trials, env_dirs, out_dir)
     finally:
         ray_runner.stop_ray()
+    (out_dir / "config.yaml").write_text(to_yaml(suite))
+    (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
     evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
     path = report.write_report(out_dir)
-    ok = int((trials_df["status"] == "ok").sum())
-    _say(f"[prefbench] {ok}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
-    return out_dir
+    failed = int((trials_df["status"] != "ok").sum())
+    _say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
+    return failed

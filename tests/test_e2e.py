@@ -117,3 +117,21 @@ def test_second_run_reuses_the_prepared_env(run_dir):
     # no Ray started here: a cached env returns before any job is submitted
     assert prepare_env(suite, {}, 0, out / "unused") == envs[0]
     assert (envs[0] / "sft" / "model.safetensors").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
+    # min_gold_gap 1.0 can never be met: the env comes out of SFT with zero pairs, and DPO needs pairs
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bench.cli", "run", "--out", str(out),
+            "--set", "env.params.min_gold_gap=1.0", "--set", "env.params.num_reviews=64",
+            "--set", "env.params.sft_epochs=1", "--set", "env.params.num_train_prompts=8",
+            "--set", "env.params.num_eval_prompts=4", "--set", "env.params.n_layer=1", "--set", "env.params.n_embd=32"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PREFBENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("prefbench: error:")]
+    assert errors == [f"prefbench: error: env tiny-sentiment (seed 0) produced no preference pairs; "
+                      f"check env.params (e.g. min_gold_gap)"]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,56 @@
+"""Run as a script by test_deepspeed.py: DPO steps through DeepSpeed vs plain PyTorch, as JSON.
+
+A separate process because DeepSpeed allows one initialisation per process.
+Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pandas as pd
+import torch
+
+from algorithms.dpo import DPO, DPOParams
+from algorithms.interface import EnvData, TrainContext, TrainSettings, plain_optimizer
+from algorithms.policy import Policy
+from bench.config import DeepSpeedSettings
+from bench.worker import wrap_with_deepspeed
+
+
+def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
+    pairs = pd.DataFrame({
+        "prompt": ["the movie was", "i loved the", "the plot was", "overall it was"] * 2,
+        "chosen": ["very good .", "film .", "great .", "wonderful ."] * 2,
+        "rejected": ["very bad .", "music .", "awful .", "boring ."] * 2,
+    })
+    logs: list[dict] = []
+    ctx = TrainContext(
+        policy=policy, reference=policy.frozen_copy(), params=DPOParams(beta=0.5), train=train,
+        data=EnvData([], [], pairs, pd.DataFrame()), optimize=optimize,
+        evaluate=lambda *a, **k: {}, log=lambda step, m: logs.append(m),
+    )
+    DPO().train(ctx)
+    return logs
+
+
+def main(init_dir: str, zero_stage: int) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # a one-process "cluster", as Ray Train sets it up for a single worker
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train = TrainSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=3, max_grad_norm=0.5, eval_every=100)
+    plain = Policy.from_pretrained(init_dir)
+    plain_logs = dpo_logs(plain, plain_optimizer(plain, train), train)
+    ds = Policy.from_pretrained(init_dir)
+    ds_logs = dpo_logs(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(zero_stage=zero_stage), 1), train)
+    print(json.dumps({"engine": type(ds.engine).__name__, "plain": plain_logs, "deepspeed": ds_logs}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
