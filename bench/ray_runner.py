@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -25,19 +24,14 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from algorithms import ALGORITHMS
-from bench import worker
+from bench import say, worker
 from bench.config import SuiteConfig, TrialSpec
 
 QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_OFFLINE": "1",
     "PYTHONWARNINGS": "ignore",
 }
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def logical_cpus(suite: SuiteConfig) -> int:
@@ -144,7 +138,7 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[self._name(trial)] = time.time()
-        _say(f"[prefbench] start {self._name(trial)}")
+        say(f"[prefbench] start {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "gold_reward" not in result:
@@ -153,7 +147,7 @@ class Progress(tune.Callback):
         kl_txt = f"{kl:.2f}" if kl == kl else "n/a"
         tag = "final" if result.get("final") else "eval "
         steps = trial.config["trial"]["train"]["steps"]
-        _say(
+        say(
             f"[prefbench]   {self._name(trial)} {tag} step {result['step']}/{steps}: "
             f"gold {result['gold_reward']:.3f}  KL {kl_txt} nats  win {result['win_rate']:.3f}  (T=1)"
         )
@@ -161,11 +155,11 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         took = time.time() - self.started.get(self._name(trial), time.time())
-        _say(f"[prefbench] done  {self._name(trial)} in {took:.0f}s ({self.done}/{self.total})")
+        say(f"[prefbench] done  {self._name(trial)} in {took:.0f}s ({self.done}/{self.total})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        _say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}); see trials.parquet")
+        say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}); see trials.parquet")
 
 
 def run_sweep(

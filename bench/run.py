@@ -12,7 +12,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench import __version__
+from bench import __version__, say
 from bench.config import SuiteConfig, env_params, expand_trials, load_suite, to_yaml
 from envs import ENVS
 
@@ -21,10 +21,6 @@ ENV_CACHE_FORMAT = 1  # bump when the layout of a prepared env changes
 
 class UserError(Exception):
     """A mistake the user can fix (paths, existing output); printed as one line, exit 2."""
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def cache_root(suite: SuiteConfig) -> Path:
@@ -50,22 +46,22 @@ def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: Path) 
     env = ENVS.get(suite.env.name)
     workdir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
     if (workdir / "DONE").exists():
-        _say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {workdir}")
+        say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {workdir}")
         return workdir
     tmp = workdir.with_name(f"{workdir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    _say(f"[prefbench] env {suite.env.name} seed {seed}: building data, tokenizer and initial model")
+    say(f"[prefbench] env {suite.env.name} seed {seed}: building data, tokenizer and initial model")
     env.build(env_params(suite), seed, tmp)
-    _say(f"[prefbench] env {suite.env.name} seed {seed}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
+    say(f"[prefbench] env {suite.env.name} seed {seed}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
     ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
     (tmp / "DONE").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "prefbench": __version__}))
     if workdir.exists():  # another run finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, workdir)
-    _say(f"[prefbench] env {suite.env.name} seed {seed}: ready in {time.time() - t0:.0f}s ({workdir})")
+    say(f"[prefbench] env {suite.env.name} seed {seed}: ready in {time.time() - t0:.0f}s ({workdir})")
     return workdir
 
 
@@ -126,7 +122,7 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -
     _quiet()
     suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
     t0 = time.time()
-    _say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
+    say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
     ray_runner.start_ray(suite, address)
     try:
         storage = (out_dir / "ray").resolve()
@@ -142,5 +138,5 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -
     evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
     path = report.write_report(out_dir)
     failed = int((trials_df["status"] != "ok").sum())
-    _say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
+    say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
     return failed

@@ -190,6 +190,9 @@ def run_trial(payload: dict, report: Report) -> None:
     eval_time = 0.0
     rows_path = trial_dir / "evals.jsonl"
     log_path = trial_dir / "train_log.jsonl"
+    if rank == 0:  # a restarted trial starts its rows afresh
+        rows_path.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
     meta = {
         "suite": suite.name, "env": suite.env.name, "algorithm": spec.algorithm, "trial_id": spec.trial_id,
         "seed": spec.seed, "knob": spec.knob, "knob_value": spec.knob_value,
