@@ -11,9 +11,10 @@ An algorithm is an object with these members (a Protocol: no base class, no inhe
 - `trains_policy: bool`: True when `train` updates `ctx.policy` (bench then wraps it in a
   DeepSpeed engine and `ctx.optimize` steps it); False for samplers such as best-of-N.
 - `train(ctx: TrainContext) -> dict | None`: runs the algorithm. It calls `ctx.optimize(loss)` once
-  per optimizer step, `ctx.log(step, metrics)` for training curves, and `ctx.evaluate(sampler,
-  step)` at every `ctx.should_evaluate(step)` and once with `final=True` at the end. It returns an
-  optional dict of summary metrics for the trial row.
+  per optimizer step, `ctx.log(step, metrics)` for training curves (scalar metrics, averaged over
+  ranks), and `ctx.evaluate(sampler, step)` at every `ctx.should_evaluate(step)` and once with
+  `final=True` at the end. Every rank makes the same calls in the same order (they synchronise the
+  ranks). It returns an optional dict of summary metrics for the trial row.
 
 Units: log-probs and KL in nats per sequence; rewards are floats per completion.
 """

@@ -1,4 +1,4 @@
-"""The `prefbench` command: run, list, report.
+"""The `prefbench` command: run, list, report, perf.
 
 User mistakes (bad suite, unknown plugin, missing file, existing --out, an env that came out empty)
 are one line on stderr and exit code 2, with nothing left in OUT. A run whose trials partly failed
@@ -8,6 +8,7 @@ still writes every result and exits 1; trials.parquet names each failure.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the registered algorithms and envs")
     rep = sub.add_parser("report", help="rebuild OUT/report.md from OUT/*.parquet")
     rep.add_argument("out", help="a run's output directory")
+    perf = sub.add_parser("perf", help="time generation, scoring, a DPO step and an evaluation (no Ray)")
+    perf.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     return p
 
 
@@ -65,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             if not (out / "evals.parquet").is_file() or not (out / "trials.parquet").is_file():
                 raise UserError(f"{out}: no evals.parquet/trials.parquet here (is it a prefbench run directory?)")
             print(write_report(out))
+        elif args.command == "perf":
+            from bench.perf import format_perf, run_perf
+
+            if args.repeats < 1:
+                raise UserError("--repeats: must be >= 1")
+            numbers = run_perf(repeats=args.repeats)
+            print(format_perf(numbers))
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(numbers, indent=2))
         elif args.command == "run":
             from bench.run import run
 

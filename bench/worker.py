@@ -116,6 +116,18 @@ def _all_gather(obj, world: int) -> list:
     return out
 
 
+def _mean_over_ranks(metrics: dict, world: int) -> dict:
+    """Average scalar training metrics over ranks, so a W-worker log reads like a 1-worker log."""
+    if world == 1 or not metrics:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world).tolist()))
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -229,6 +241,7 @@ def run_trial(payload: dict, report: Report) -> None:
         return at_t1
 
     def log(step: int, metrics: dict) -> None:
+        metrics = _mean_over_ranks(metrics, world)
         if rank == 0:
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
