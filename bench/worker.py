@@ -124,6 +124,8 @@ def _mean_over_ranks(metrics: dict, world: int) -> dict:
 
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
+        values = values.cuda()
     dist.all_reduce(values)
     return dict(zip(keys, (values / world).tolist()))
 
