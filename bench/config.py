@@ -251,11 +251,11 @@ def validate(suite: SuiteConfig) -> None:
         params = params_from_dict(env.params_cls, suite.env.params)
     except ParamError as e:
         raise ConfigError(f"env.params.{e.field}: {e.message}") from None
+    if suite.train.batch_size % suite.scaling.num_workers:
+        raise ConfigError("train.batch_size: must be divisible by scaling.num_workers")
     sft = env.sft_settings(params)
     if sft.batch_size % suite.scaling.num_workers:
         raise ConfigError(f"env.params: the SFT batch ({sft.batch_size}) must be divisible by scaling.num_workers")
-    if suite.train.batch_size % suite.scaling.num_workers:
-        raise ConfigError("train.batch_size: must be divisible by scaling.num_workers")
     expand_trials(suite)  # validates every algorithm and sweep point
 
 

@@ -36,6 +36,8 @@ def _cli(*args, cwd=None):
         (GOOD.replace("steps: 5", "steps: five"), "train.steps: expected int"),
         (GOOD + "eval: {temperatures: [1.0, -0.5]}\n", "eval.temperatures: must be >= 0"),
         (GOOD + "scaling: {num_workers: 3}\n", "train.batch_size: must be divisible by scaling.num_workers"),
+        (GOOD.replace("batch_size: 8", "batch_size: 9") + "scaling: {num_workers: 3}\n",
+         "env.params: the SFT batch (64) must be divisible by scaling.num_workers"),
         (GOOD + "deepspeed: {zero_stage: 4}\n", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
         (GOOD + "env: {params: {num_reviews: 0}}\n", "duplicate key 'env' (line 7)"),
         (GOOD.replace("{name: tiny-sentiment}", "{name: tiny-sentiment, params: {num_reviews: 0}}"),
