@@ -135,3 +135,32 @@ def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
                       f"check env.params (e.g. min_gold_gap)"]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_workers_with_zero2_train_like_one_worker(run_dir, tmp_path):
+    # same env (cached), same global batches: rank-sharded data + ZeRO-2 gives the 1-worker losses
+    _, _, cache = run_dir
+    out = tmp_path / "out2"
+    args = [sys.executable, "-m", "bench.cli", "run", "--out", str(out)]
+    for s in SHRINK + ["algorithms.0.sweep.beta=[0.5]", "baseline=false", "scaling.num_workers=2",
+                       "scaling.max_concurrent_trials=1", "deepspeed.zero_stage=2"]:
+        args += ["--set", s]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PREFBENCH_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "cached at" in proc.stderr
+
+    def losses(run):
+        path = run / "trials" / "dpo-beta=0.5-seed0" / "train_log.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [r["losses/dpo"] for r in rows], [r["optim/grad_norm"] for r in rows]
+
+    one_loss, one_norm = losses(run_dir[0])
+    two_loss, two_norm = losses(out)
+    assert len(one_loss) == len(two_loss) == 12
+    assert two_loss == pytest.approx(one_loss, abs=1e-4)
+    assert two_norm == pytest.approx(one_norm, rel=1e-3)
+    evals = pd.read_parquet(out / "evals.parquet")
+    final = evals[evals["final"] & (evals["temperature"] == 1.0)].iloc[0]
+    assert final["n_samples"] == 32 * 4  # both ranks' halves of the eval prompts were gathered
