@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from algorithms.policy import Policy, Sampler
+from algorithms.policy import Policy
 
 NEEDS = frozenset({"pairs", "prompts", "reward_model", "gold"})
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -44,7 +43,7 @@ def run_perf(repeats: int = 5, threads: int | None = None) -> dict:
     from algorithms.interface import EnvData, TrainContext, TrainSettings, plain_optimizer
     from bench.config import DeepSpeedSettings
     from bench.evaluate import EvalSet, evaluate
-    from bench.worker import _quiet, wrap_with_deepspeed
+    from bench.worker import _quiet, single_process_dist_env, wrap_with_deepspeed
     from envs import ENVS
 
     _quiet()
@@ -107,11 +106,7 @@ def run_perf(repeats: int = 5, threads: int | None = None) -> dict:
 
     plain = env.load_policy(workdir, "init")
     results["dpo_step_plain_s"] = dpo_step_time(plain, plain_optimizer(plain, train))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        os.environ.setdefault(k, v)
+    single_process_dist_env()
     ds = env.load_policy(workdir, "init")
     results["dpo_step_deepspeed_s"] = dpo_step_time(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(), 1))
 

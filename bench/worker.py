@@ -9,7 +9,6 @@ One DeepSpeed engine per process: every Ray Train worker is a fresh actor proces
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -54,6 +53,22 @@ def _setup(payload: dict) -> tuple[SuiteConfig, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     return suite, rank, world, device
+
+
+def single_process_dist_env() -> None:
+    """Make this process a 1-rank "cluster" for DeepSpeed outside Ray Train (perf, tests).
+
+    Without RANK/WORLD_SIZE/MASTER_* DeepSpeed falls back to MPI discovery and fails. Existing
+    values are kept.
+    """
+    import socket
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
 
 
 def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: int) -> dict:

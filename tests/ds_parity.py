@@ -7,8 +7,6 @@ Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 
 import pandas as pd
@@ -18,7 +16,7 @@ from algorithms.dpo import DPO, DPOParams
 from algorithms.interface import EnvData, TrainContext, TrainSettings, plain_optimizer
 from algorithms.policy import Policy
 from bench.config import DeepSpeedSettings
-from bench.worker import wrap_with_deepspeed
+from bench.worker import single_process_dist_env, wrap_with_deepspeed
 
 
 def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
@@ -38,11 +36,7 @@ def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
 
 
 def main(init_dir: str, zero_stage: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # a one-process "cluster", as Ray Train sets it up for a single worker
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_process_dist_env()
     torch.set_num_threads(1)
     train = TrainSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=3, max_grad_norm=0.5, eval_every=100)
     plain = Policy.from_pretrained(init_dir)

@@ -131,8 +131,8 @@ def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
                           env={**os.environ, "PREFBENCH_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("prefbench: error:")]
-    assert errors == [f"prefbench: error: env tiny-sentiment (seed 0) produced no preference pairs; "
-                      f"check env.params (e.g. min_gold_gap)"]
+    assert errors == ["prefbench: error: env tiny-sentiment (seed 0) produced no preference pairs; "
+                      "check env.params (e.g. min_gold_gap)"]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
 
