@@ -21,7 +21,7 @@ Units: log-probs and KL in nats per sequence; rewards are floats per completion.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -96,7 +96,6 @@ class TrainContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
-    extras: dict = field(default_factory=dict)
 
     def should_evaluate(self, step: int) -> bool:
         return step % self.train.eval_every == 0 and step < self.train.steps

@@ -52,7 +52,7 @@ def run_perf(repeats: int = 5, threads: int | None = None) -> dict:
     params = env.params_cls(num_reviews=2000, num_train_prompts=256, num_eval_prompts=256)
     workdir = Path(tempfile.mkdtemp(prefix="prefbench-perf-"))
     env.build(params, 0, workdir)
-    prompts = [p for p in json.loads((workdir / "prompts.json").read_text())["eval"]]
+    prompts = json.loads((workdir / "prompts.json").read_text())["eval"]  # tiny-sentiment's held-out openings
     policy = env.load_policy(workdir, "init")
     reference = env.load_policy(workdir, "init").freeze()
     n, new = 4, 32
