@@ -30,7 +30,10 @@ import torch
 
 from algorithms.policy import Policy
 
-NEEDS = frozenset({"pairs", "prompts", "reward_model", "gold"})
+# what an algorithm can ask of bench: the env's preference pairs, its train prompts, the shared
+# learned reward model, the env's gold reward (PPO-GT only: never for a "fair" method), and a
+# critic (a scalar-head model trained with the policy in the same DeepSpeed engine)
+NEEDS = frozenset({"pairs", "prompts", "reward_model", "gold", "critic"})
 
 
 class ParamError(ValueError):
@@ -92,7 +95,10 @@ class TrainContext:
     evaluate: Callable[..., dict]  # evaluate(sampler, step, *, final=False) -> metrics at T = 1
     log: Callable[[int, dict], None] = lambda step, metrics: None
     gold: Callable[[list[str], list[str]], np.ndarray] | None = None  # only for needs={"gold"}
-    reward_model: Any = None  # only for needs={"reward_model"}
+    reward_model: Any = None  # a frozen algorithms.reward_model.ScalarModel, only for needs={"reward_model"}
+    critic: Any = None  # a trainable ScalarModel optimised by ctx.optimize with the policy, only for needs={"critic"}
+    max_new_tokens: int = 32  # completion cap of the suite's evaluation; on-policy rollouts use it too
+    mean_over_ranks: Callable[[dict], dict] = lambda metrics: metrics  # average scalars over ranks (identity at 1)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -152,9 +158,15 @@ def params_from_dict(params_cls: type, values: dict) -> Any:
     return params_cls(**values)
 
 
-def plain_optimizer(policy: Policy, train: TrainSettings) -> Callable[[torch.Tensor], dict]:
-    """`ctx.optimize` without DeepSpeed: AdamW + warm-up + clipping, for use outside bench and in tests."""
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+def trainable_modules(*trainables: Any) -> list[torch.nn.Module]:
+    """The torch modules behind Policy / ScalarModel objects (or modules themselves)."""
+    return [t if isinstance(t, torch.nn.Module) else t.head if hasattr(t, "head") else t.model for t in trainables]
+
+
+def plain_optimizer(*trainables: Any, train: TrainSettings) -> Callable[[torch.Tensor], dict]:
+    """`ctx.optimize` without DeepSpeed: one AdamW + warm-up + clipping over every trainable (a
+    Policy, a critic ScalarModel, ...), for use outside bench and in tests."""
+    params = [p for m in trainable_modules(*trainables) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(train.warmup_steps))
 

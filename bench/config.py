@@ -20,6 +20,7 @@ import yaml
 
 from algorithms import ALGORITHMS
 from algorithms.interface import ParamError, TrainSettings, params_from_dict
+from algorithms.reward_model import RewardModelParams
 from envs import ENVS
 
 QUICK_SUITE = Path(__file__).parent / "suites" / "quick.yaml"
@@ -41,6 +42,7 @@ class AlgorithmSpec:
     params: dict = field(default_factory=dict)  # fixed params_cls fields
     sweep: dict = field(default_factory=dict)  # param → list of values; grid over all of them
     train: dict = field(default_factory=dict)  # overrides of the suite's train settings
+    knob: str | None = None  # report this param as the frontier knob instead of the algorithm's own (e.g. target_kl)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class SuiteConfig:
     baseline: bool = True  # also evaluate the SFT reference itself (algorithm "sft")
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    reward_model: RewardModelParams = field(default_factory=RewardModelParams)  # the shared learned-RM stage
     cache_dir: str | None = None  # env / shared-stage cache; default $PREFBENCH_CACHE or ~/.cache/prefbench
 
 
@@ -256,6 +259,8 @@ def validate(suite: SuiteConfig) -> None:
     sft = env.sft_settings(params)
     if sft.batch_size % suite.scaling.num_workers:
         raise ConfigError(f"env.params: the SFT batch ({sft.batch_size}) must be divisible by scaling.num_workers")
+    if suite.reward_model.batch_size % suite.scaling.num_workers:
+        raise ConfigError("reward_model.batch_size: must be divisible by scaling.num_workers")
     expand_trials(suite)  # validates every algorithm and sweep point
 
 
@@ -292,7 +297,12 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
             except TypeError as e:
                 raise ConfigError(f"{where}.params: {e}") from None
             params_dict = dataclasses.asdict(params)
-            knob_value = params_dict.get(algo.knob) if algo.knob else None
+            knob = spec.knob or algo.knob
+            if knob is not None and knob not in params_dict:
+                raise ConfigError(f"{where}.knob: {spec.name} has no parameter {knob!r}")
+            knob_value = params_dict.get(knob) if knob else None
+            if knob_value is not None and not isinstance(knob_value, (int, float)):
+                raise ConfigError(f"{where}.knob: {knob} must be a number to be a frontier knob, got {knob_value!r}")
             for seed in suite.seeds:
                 label = ",".join(f"{k}={v}" for k, v in zip(keys, point))
                 trial_id = f"{spec.name}-" + (f"{label}-" if label else "") + f"seed{seed}"
@@ -301,7 +311,7 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
                 seen.add(trial_id)
                 trials.append(TrialSpec(
                     trial_id=trial_id, algorithm=spec.name, params=params_dict,
-                    train=dataclasses.asdict(train), seed=seed, knob=algo.knob,
+                    train=dataclasses.asdict(train), seed=seed, knob=knob,
                     knob_value=float(knob_value) if knob_value is not None else None,
                 ))
     return trials

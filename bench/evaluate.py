@@ -13,6 +13,10 @@ For a sampler π, the env's fixed eval prompts X and k samples per prompt at tem
 - win rate against the env's reference completion of the same prompt, judged by the gold reward
   (a tie counts ½); standard error clustered by prompt.
 - gen_len: mean completion length in tokens (EOS included).
+- best-of-N (a sampler with `sample_groups`): ONE set of N samples per prompt gives every n in
+  `sampler.ns` through the unbiased estimator (algorithms.best_of_n); gold reward, win rate and
+  length are estimated per prompt and their standard errors are over prompts. KL is analytic at
+  T = 1 and not reported at other temperatures (log n − (n−1)/n is relative to the sampled base).
 """
 
 from __future__ import annotations
@@ -147,6 +151,52 @@ def sample_stats(
     return stats
 
 
+def best_of_n_stats(
+    sampler,
+    evalset: EvalSet,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int = 0,
+    prompt_subset: np.ndarray | None = None,
+) -> dict[int, dict[str, np.ndarray]]:
+    """Per-prompt statistics of best-of-n for every n in `sampler.ns`, from one set of N samples.
+
+    Returns n → stats with the keys of `sample_stats`, one entry per prompt (the estimate for that
+    prompt), plus "n_drawn" (samples drawn for the prompt). Greedy decoding (T = 0) draws one sample:
+    every n is that sample.
+    """
+    from algorithms.best_of_n import analytic_kl, unbiased_bon_per_prompt
+
+    subset = np.arange(len(evalset.prompts)) if prompt_subset is None else np.asarray(prompt_subset)
+    prompts = [evalset.prompts[i] for i in subset]
+    if temperature > 0:
+        roll, proxy = sampler.sample_groups(prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    else:
+        roll = sampler.reference.generate(prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
+        proxy = np.zeros((len(prompts), 1))
+    P, N = proxy.shape
+    gold = np.asarray(evalset.gold(roll.prompts, roll.completions), dtype=np.float64).reshape(P, N)
+    ref_gold = evalset.reference_gold[subset][:, None]
+    win = np.where(gold > ref_gold, 1.0, np.where(gold == ref_gold, 0.5, 0.0))
+    length = roll.lengths.astype(np.float64).reshape(P, N)
+    out = {}
+    for n in sampler.ns:
+        k = min(n, N)
+        kl = analytic_kl(n) if temperature == 1.0 else float("nan")
+        out[n] = {
+            "prompt": subset,
+            "gold": unbiased_bon_per_prompt(proxy, gold, k),
+            "win": unbiased_bon_per_prompt(proxy, win, k),
+            "length": unbiased_bon_per_prompt(proxy, length, k),
+            "k1": np.full(P, np.nan),
+            "k3": np.full(P, np.nan),
+            "analytic_kl": np.full(P, kl),
+            "n_drawn": np.full(P, N),
+        }
+    return out
+
+
 def summarize(stats: dict[str, np.ndarray], *, temperature: float) -> dict:
     """One evaluation row (the metric columns of evals.parquet) from per-sample stats."""
     prompt = stats["prompt"]
@@ -165,7 +215,7 @@ def summarize(stats: dict[str, np.ndarray], *, temperature: float) -> dict:
         "win_rate_se": win_se,
         "gen_len": float(stats["length"].mean()) if len(prompt) else float("nan"),
         "n_prompts": int(len(np.unique(prompt))),
-        "n_samples": int(len(prompt)),
+        "n_samples": int(stats["n_drawn"].sum()) if "n_drawn" in stats else int(len(prompt)),
     }
     if len(prompt) and not np.isnan(stats["analytic_kl"]).all():
         row.update(kl=float(np.nanmean(stats["analytic_kl"])), kl_se=0.0, kl_kind="analytic")

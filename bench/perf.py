@@ -105,7 +105,7 @@ def run_perf(repeats: int = 5, threads: int | None = None) -> dict:
         return statistics.median(step_times[1:])  # the first step pays for warm-up
 
     plain = env.load_policy(workdir, "init")
-    results["dpo_step_plain_s"] = dpo_step_time(plain, plain_optimizer(plain, train))
+    results["dpo_step_plain_s"] = dpo_step_time(plain, plain_optimizer(plain, train=train))
     single_process_dist_env()
     ds = env.load_policy(workdir, "init")
     results["dpo_step_deepspeed_s"] = dpo_step_time(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(), 1))

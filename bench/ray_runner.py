@@ -1,7 +1,8 @@
 """The one module of prefbench that talks to Ray (Train V2 + Tune).
 
 - `start_ray`: embedded `ray.init()` by default, or join a cluster with `--address`.
-- `run_env_stage`: the env's SFT stage as a Ray Train job (TorchTrainer, DeepSpeed in the workers).
+- `run_env_stage`, `run_rm_stage`: the shared stages (the env's SFT, the learned reward model),
+  each a Ray Train job (TorchTrainer, DeepSpeed in the workers).
 - `run_sweep`: ONE Ray Tune `Tuner` over the trials (algorithm × sweep point × seed). Each Tune trial
   is a driver function that builds a `TorchTrainer` (the Train V2 pattern: `Tuner(TorchTrainer)` is
   not supported) whose workers run `bench.worker.run_trial`; algorithms that train no policy
@@ -73,24 +74,39 @@ def _scaling(suite: SuiteConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
-# ------------------------------------------------------------------------------ env stage
+# ------------------------------------------------------------------------- shared stages
 def _env_loop(payload: dict) -> None:
     worker.run_env_stage(payload, report=ray_train.report)
 
 
-def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> None:
-    """SFT the env's initial policy in `env_dir` (built already) as one Ray Train job."""
-    payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed, "threads": _threads(suite, 1)}
+def _rm_loop(payload: dict) -> None:
+    worker.run_rm_stage(payload, report=ray_train.report)
+
+
+def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: Path) -> None:
+    """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers)."""
     trainer = TorchTrainer(
-        _env_loop,
-        train_loop_config=payload,
+        loop,
+        train_loop_config={**payload, "threads": _threads(suite, 1)},
         scaling_config=_scaling(suite),
         run_config=ray_train.RunConfig(
-            name=f"env-{env_dir.name}-{int(time.time())}", storage_path=str(storage),
+            name=f"{name}-{int(time.time())}", storage_path=str(storage),
             worker_runtime_env={"env_vars": QUIET_ENV},
         ),
     )
     trainer.fit()
+
+
+def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> None:
+    """SFT the env's initial policy in `env_dir` (built already) and write its data."""
+    payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed}
+    _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
+
+
+def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: Path) -> None:
+    """Train the shared reward model of (env, seed) into `rm_dir`."""
+    payload = {"suite": suite_dict, "env_dir": str(env_dir), "rm_dir": str(rm_dir), "seed": seed}
+    _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
 
 
 # ---------------------------------------------------------------------------------- sweep
@@ -103,6 +119,7 @@ def _trial_driver(config: dict, static: dict) -> None:
     spec = config["trial"]
     payload = {
         "suite": static["suite"], "env_dir": static["env_dirs"][str(spec["seed"])], "trial": spec,
+        "rm_dir": static["rm_dirs"].get(str(spec["seed"])),
         "trial_dir": str(Path(static["out"]) / "trials" / spec["trial_id"]), "threads": static["threads"],
     }
     if not ALGORITHMS.get(spec["algorithm"]).trains_policy:
@@ -163,7 +180,8 @@ class Progress(tune.Callback):
 
 
 def run_sweep(
-    suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path], out: Path
+    suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path],
+    rm_dirs: dict[int, Path], out: Path,
 ) -> dict[str, str | None]:
     """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded)."""
     import dataclasses
@@ -173,6 +191,7 @@ def run_sweep(
     static = {
         "suite": suite_dict,
         "env_dirs": {str(k): str(v) for k, v in env_dirs.items()},
+        "rm_dirs": {str(k): str(v) for k, v in rm_dirs.items()},
         "out": str(out.resolve()),
         "storage": str(storage),
         "threads": _threads(suite, concurrent),

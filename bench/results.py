@@ -17,7 +17,7 @@ EVAL_COLUMNS = [
 ]
 TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",
-    "n_evals", "train_time_s", "eval_time_s", "wall_time_s",
+    "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy",
 ]
 
 
@@ -47,6 +47,7 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
             "status": "ok" if error is None else "failed", "reason": error or "",
             "n_evals": len(rows), "train_time_s": summary.get("train_time_s"),
             "eval_time_s": summary.get("eval_time_s"), "wall_time_s": summary.get("wall_time_s"),
+            "rm_accuracy": summary.get("rm/heldout_accuracy"),  # held-out pair accuracy of the RM it used
         })
     evals = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame(columns=EVAL_COLUMNS)
     evals = evals[EVAL_COLUMNS + [c for c in evals.columns if c not in EVAL_COLUMNS]]

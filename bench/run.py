@@ -17,6 +17,7 @@ from bench.config import SuiteConfig, env_params, expand_trials, load_suite, to_
 from envs import ENVS
 
 ENV_CACHE_FORMAT = 1  # bump when the layout of a prepared env changes
+RM_CACHE_FORMAT = 1  # bump when the layout or training of the reward-model stage changes
 
 
 class UserError(Exception):
@@ -39,30 +40,67 @@ def env_key(suite: SuiteConfig, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: Path) -> Path:
-    """Build + SFT the env for `seed` once; later runs with the same config reuse the cache."""
-    from bench import ray_runner
-
-    env = ENVS.get(suite.env.name)
-    workdir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+def _build_cached(workdir: Path, build, label: str) -> Path:
+    """Run `build(tmp)` once into `workdir` (atomic: temp dir → rename, DONE marker); reuse it after."""
     if (workdir / "DONE").exists():
-        say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {workdir}")
+        say(f"[prefbench] {label}: cached at {workdir}")
         return workdir
     tmp = workdir.with_name(f"{workdir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    say(f"[prefbench] env {suite.env.name} seed {seed}: building data, tokenizer and initial model")
-    env.build(env_params(suite), seed, tmp)
-    say(f"[prefbench] env {suite.env.name} seed {seed}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
-    ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
+    build(tmp)
     (tmp / "DONE").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "prefbench": __version__}))
     if workdir.exists():  # another run finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, workdir)
-    say(f"[prefbench] env {suite.env.name} seed {seed}: ready in {time.time() - t0:.0f}s ({workdir})")
+    say(f"[prefbench] {label}: ready in {time.time() - t0:.0f}s ({workdir})")
     return workdir
+
+
+def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: Path) -> Path:
+    """Build + SFT the env for `seed` once; later runs with the same config reuse the cache."""
+    from bench import ray_runner
+
+    env = ENVS.get(suite.env.name)
+    label = f"env {suite.env.name} seed {seed}"
+
+    def build(tmp: Path) -> None:
+        say(f"[prefbench] {label}: building data, tokenizer and initial model")
+        env.build(env_params(suite), seed, tmp)
+        say(f"[prefbench] {label}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
+        ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
+
+    workdir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+    return _build_cached(workdir, build, label)
+
+
+def rm_key(suite: SuiteConfig, seed: int) -> str:
+    """Content hash of the reward model: its env (by env_key), its training config, the precision."""
+    blob = json.dumps(
+        {"env": env_key(suite, seed), "rm": dataclasses.asdict(suite.reward_model), "seed": seed,
+         "bf16": suite.deepspeed.bf16, "format": RM_CACHE_FORMAT},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> Path:
+    """Train the shared reward model for (env, seed, RM config) once, as a Ray Train job; cached."""
+    from bench import ray_runner
+
+    label = f"reward model {suite.env.name} seed {seed}"
+
+    def build(tmp: Path) -> None:
+        say(f"[prefbench] {label}: Bradley-Terry on the env's pairs as a Ray Train job")
+        ray_runner.run_rm_stage(suite, suite_dict, seed, env_dir, tmp, storage)
+        m = json.loads((tmp / "metrics.json").read_text())
+        say(f"[prefbench] {label}: held-out pair accuracy {m['rm/heldout_accuracy']:.3f} "
+            f"({m['rm/heldout_pairs']} pairs), Pearson with gold {m['rm/heldout_gold_pearson']:.3f}")
+
+    workdir = cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
+    return _build_cached(workdir, build, label)
 
 
 def package_versions() -> dict[str, str]:
@@ -116,6 +154,7 @@ def run(suite_path: str | None, overrides: list[str], out: str | None, address: 
 
 
 def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -> int:
+    from algorithms import ALGORITHMS
     from bench import ray_runner, report, results
     from bench.worker import _quiet
 
@@ -126,11 +165,14 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -
     ray_runner.start_ray(suite, address)
     try:
         storage = (out_dir / "ray").resolve()
-        env_dirs = {}
+        env_dirs, rm_dirs = {}, {}
+        needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in trials)
         for seed in suite.seeds:
             env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage)
             check_env_data(suite, seed, env_dirs[seed])
-        status = ray_runner.run_sweep(suite, suite_dict, trials, env_dirs, out_dir)
+            if needs_rm:
+                rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage)
+        status = ray_runner.run_sweep(suite, suite_dict, trials, env_dirs, rm_dirs, out_dir)
     finally:
         ray_runner.stop_ray()
     (out_dir / "config.yaml").write_text(to_yaml(suite))

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
-from algorithms.interface import TrainContext, TrainSettings, warmup_lambda
+from algorithms.interface import TrainContext, TrainSettings, trainable_modules, warmup_lambda
 from algorithms.policy import Policy
+from algorithms.reward_model import ScalarModel, split_pairs, train_reward_model
 from algorithms.sft import lm_finetune
 from bench.config import DeepSpeedSettings, SuiteConfig, TrialSpec, build_dataclass, env_params
-from bench.evaluate import EvalSet, concat_stats, sample_stats, summarize
+from bench.evaluate import EvalSet, best_of_n_stats, concat_stats, sample_stats, summarize
 from envs import ENVS
 from envs.base import load_env_data
 
@@ -87,24 +88,42 @@ def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: in
     return config
 
 
-def wrap_with_deepspeed(
-    policy: Policy, train: TrainSettings, ds: DeepSpeedSettings, world_size: int
-) -> Callable[[torch.Tensor], dict]:
-    """Wrap `policy.model` in a DeepSpeed engine (torch AdamW, linear warm-up); return `optimize`.
+class JointModule(torch.nn.Module):
+    """Several trainable models as one module, so that ONE DeepSpeed engine (one optimizer, one
+    clip, one step) trains them together: e.g. PPO's policy and critic. `forward(part, **kw)`."""
 
-    A torch optimizer, not DeepSpeed's fused Adam, which would JIT-compile C++ on first use.
+    def __init__(self, parts: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(parts)
+
+    def forward(self, part: str, **kwargs):
+        return self.parts[part](**kwargs)
+
+
+def wrap_with_deepspeed(
+    trainables: Policy | ScalarModel | list, train: TrainSettings, ds: DeepSpeedSettings, world_size: int
+) -> Callable[[torch.Tensor], dict]:
+    """Wrap the trainables (a Policy, a ScalarModel, or several) in ONE DeepSpeed engine; return `optimize`.
+
+    Each trainable's `engine` is set, so its training forwards go through DeepSpeed. A torch AdamW
+    with linear warm-up, not DeepSpeed's fused Adam, which would JIT-compile C++ on first use.
     """
+    import functools
+
     import deepspeed
 
-    params = [p for p in policy.model.parameters() if p.requires_grad]
+    trainables = trainables if isinstance(trainables, list) else [trainables]
+    modules = trainable_modules(*trainables)
+    module = modules[0] if len(modules) == 1 else JointModule({str(i): m for i, m in enumerate(modules)})
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(train.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=policy.model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, ds, world_size),
     )
-    policy.engine = engine
-    policy.model = engine.module
+    for i, obj in enumerate(trainables):
+        obj.engine = engine if len(modules) == 1 else functools.partial(engine, str(i))
 
     def optimize(loss: torch.Tensor) -> dict:
         lr = engine.get_lr()[0]
@@ -181,6 +200,30 @@ def run_env_stage(payload: dict, report: Report) -> None:
     report({"stage": "env", "done": 1})
 
 
+# ------------------------------------------------------------------------ reward-model stage
+def run_rm_stage(payload: dict, report: Report) -> None:
+    """The shared reward model: Bradley–Terry on the env's pairs, from the SFT backbone; saved with its metrics."""
+    suite, rank, world, device = _setup(payload)
+    env_dir, rm_dir, seed = Path(payload["env_dir"]), Path(payload["rm_dir"]), int(payload["seed"])
+    torch.manual_seed(seed)
+    params = suite.reward_model
+    train_pairs, heldout = split_pairs(load_env_data(env_dir).pairs, params.heldout_fraction, seed)
+    rm = ScalarModel.from_pretrained(env_dir / "sft").to(device)
+    settings = params.train_settings(len(train_pairs))
+    optimize = wrap_with_deepspeed(rm, settings, suite.deepspeed, world)
+    t0 = time.time()
+    metrics = train_reward_model(
+        rm, train_pairs, heldout, params, optimize, seed=seed, rank=rank, world_size=world,
+        log=lambda step, m: report({"stage": "reward_model", "step": step, "total_steps": settings.steps,
+                                    **_mean_over_ranks(m, world)}),
+    )
+    if rank == 0:
+        rm.save_pretrained(rm_dir / "model")
+        (rm_dir / "metrics.json").write_text(json.dumps({**metrics, "rm/train_time_s": round(time.time() - t0, 1)}))
+    _barrier(world)
+    report({"stage": "reward_model", "done": 1})
+
+
 # ----------------------------------------------------------------------------------- trials
 def run_trial(payload: dict, report: Report) -> None:
     """One trial: load the env, wrap the policy in DeepSpeed, run the algorithm, evaluate."""
@@ -210,11 +253,20 @@ def run_trial(payload: dict, report: Report) -> None:
     train = TrainSettings(**spec.train)
     params = algo.params_cls(**spec.params)
 
-    policy, optimize = reference, None
+    reward_model, rm_metrics = None, {}
+    if "reward_model" in algo.needs:
+        rm_dir = Path(payload["rm_dir"])
+        reward_model = ScalarModel.from_pretrained(rm_dir / "model").freeze().to(device)
+        rm_metrics = json.loads((rm_dir / "metrics.json").read_text())
+    policy, critic, optimize = reference, None, None
     if algo.trains_policy:
         policy = env.load_policy(workdir, "sft")
         policy.model.to(device)
-        optimize = wrap_with_deepspeed(policy, train, suite.deepspeed, world)
+        trainables = [policy]
+        if "critic" in algo.needs:  # the SFT backbone with a zero value head, stepped with the policy
+            critic = ScalarModel.from_pretrained(workdir / "sft", zero_head=True).to(device)
+            trainables.append(critic)
+        optimize = wrap_with_deepspeed(trainables, train, suite.deepspeed, world)
 
     eval_time = 0.0
     rows_path = trial_dir / "evals.jsonl"
@@ -236,16 +288,23 @@ def run_trial(payload: dict, report: Report) -> None:
         temps = ev.temperatures if final else [1.0]
         rows = []
         for temperature in temps:
+            seed = 1_000_003 * spec.seed + int(round(temperature * 1000))
+            if hasattr(sampler, "sample_groups"):  # best-of-n: every n from one set of samples
+                per_n = best_of_n_stats(sampler, evalset, temperature=temperature, max_new_tokens=ev.max_new_tokens,
+                                        seed=seed, prompt_subset=my_prompts)
+                for n, stats in per_n.items():
+                    parts = _all_gather(stats, world)
+                    rows.append({"knob_value": float(n), **summarize(concat_stats(parts), temperature=temperature)})
+                continue
             stats = sample_stats(
                 sampler, reference, evalset, temperature=temperature, samples_per_prompt=ev.samples_per_prompt,
-                max_new_tokens=ev.max_new_tokens, seed=1_000_003 * spec.seed + int(round(temperature * 1000)),
-                batch_size=ev.batch_size, prompt_subset=my_prompts,
+                max_new_tokens=ev.max_new_tokens, seed=seed, batch_size=ev.batch_size, prompt_subset=my_prompts,
             )
             parts = _all_gather(stats, world)
             rows.append(summarize(concat_stats(parts), temperature=temperature))
         eval_time += time.time() - t0
         wall = time.time() - t_start
-        at_t1 = next((r for r in rows if r["temperature"] == 1.0), rows[-1])
+        at_t1 = ([r for r in rows if r["temperature"] == 1.0] or rows)[-1]  # best-of-n: its largest n
         if rank == 0:
             with rows_path.open("a") as f:
                 for r in rows:
@@ -266,7 +325,9 @@ def run_trial(payload: dict, report: Report) -> None:
     ctx = TrainContext(
         policy=policy, reference=reference, params=params, train=train, data=data,
         optimize=optimize or _no_optimizer, evaluate=evaluate, log=log,
-        gold=env.gold if "gold" in algo.needs else None, seed=spec.seed, rank=rank, world_size=world,
+        gold=env.gold if "gold" in algo.needs else None, reward_model=reward_model, critic=critic,
+        seed=spec.seed, rank=rank, world_size=world, max_new_tokens=ev.max_new_tokens,
+        mean_over_ranks=lambda m: _mean_over_ranks(m, world),
     )
     summary = algo.train(ctx) or {}
     if rank == 0:
@@ -274,7 +335,7 @@ def run_trial(payload: dict, report: Report) -> None:
             policy.save_pretrained(trial_dir / "policy")
         wall = time.time() - t_start
         (trial_dir / "summary.json").write_text(json.dumps(
-            {**meta, **summary, "train_time_s": wall - eval_time, "wall_time_s": wall, "eval_time_s": eval_time}
+            {**meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall, "eval_time_s": eval_time}
         ))
     _barrier(world)
 

@@ -40,7 +40,7 @@ def main(init_dir: str, zero_stage: int) -> None:
     torch.set_num_threads(1)
     train = TrainSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=3, max_grad_norm=0.5, eval_every=100)
     plain = Policy.from_pretrained(init_dir)
-    plain_logs = dpo_logs(plain, plain_optimizer(plain, train), train)
+    plain_logs = dpo_logs(plain, plain_optimizer(plain, train=train), train)
     ds = Policy.from_pretrained(init_dir)
     ds_logs = dpo_logs(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(zero_stage=zero_stage), 1), train)
     print(json.dumps({"engine": type(ds.engine).__name__, "plain": plain_logs, "deepspeed": ds_logs}))

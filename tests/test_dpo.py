@@ -55,7 +55,7 @@ def test_dpo_training_raises_chosen_over_rejected(policy):
     ctx = TrainContext(
         policy=policy, reference=reference, params=DPOParams(beta=0.5), train=train,
         data=EnvData(train_prompts=[], eval_prompts=[], pairs=pairs, references=pd.DataFrame()),
-        optimize=plain_optimizer(policy, train),
+        optimize=plain_optimizer(policy, train=train),
         evaluate=lambda sampler, step, final=False: evaluations.append((step, final)) or {},
         log=lambda step, m: logs.append(m),
     )

@@ -1,0 +1,126 @@
+"""Identity Preference Optimisation (Azar et al. 2023, "A General Theoretical Paradigm to
+Understand Learning from Human Preferences"), the sampled IPO loss.
+
+    h(x, y_w, y_l) = log π(y_w|x)/π_ref(y_w|x) - log π(y_l|x)/π_ref(y_l|x)
+    L_IPO = E_(x, y_w, y_l) [ ( h(x, y_w, y_l) - 1/(2τ) )² ]
+
+Unlike DPO, whose loss keeps falling as the margin h grows, IPO regresses h onto the fixed target
+1/(2τ), so it stays regularised towards the reference even on deterministic preferences. The
+strength τ is named `beta`, as in TRL; it is the frontier knob (smaller beta → larger target
+margin → further from the reference).
+
+With `average_logps` (the default), log π and log π_ref are averaged over the completion's tokens
+instead of summed, so h is in nats per token (TRL's IPO and the authors' recommendation); without
+it h is in nats per sequence. The reference log-probs are computed once per trial, before the first
+step; chosen and rejected completions go through the policy in ONE forward pass (2B sequences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from algorithms import ALGORITHMS
+from algorithms.interface import TrainContext, check
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair IPO losses and implicit rewards; all inputs (B,) log-probs in nats (summed or
+    per-token averaged, the same way for all four).
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the implicit reward of a
+    completion is β · (log π − log π_ref) (detached: for logging, not for gradients).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    losses = (h - 1.0 / (2.0 * beta)) ** 2
+    return losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()
+
+
+@dataclass
+class IPOParams:
+    beta: float = 0.1  # IPO's τ (TRL's default); the margin target is 1/(2·beta); the frontier knob
+    average_logps: bool = True  # average log-probs per completion token (h in nats/token) instead of summing
+
+    def __post_init__(self) -> None:
+        check(self.beta > 0, "beta", "must be > 0")
+        check(isinstance(self.average_logps, bool), "average_logps", "must be true or false")
+
+
+class IPO:
+    name = "ipo"
+    params_cls = IPOParams
+    knob = "beta"
+    needs = frozenset({"pairs"})
+    trains_policy = True
+
+    def train(self, ctx: TrainContext) -> dict:
+        policy, pairs, params = ctx.policy, ctx.data.pairs, ctx.params
+        beta = params.beta
+        if len(pairs) == 0:
+            raise ValueError("IPO needs preference pairs; the env produced none")
+        prompt_ids = policy.encode_prompts(pairs["prompt"].tolist())
+        chosen_ids = policy.encode_completions(pairs["chosen"].tolist())
+        rejected_ids = policy.encode_completions(pairs["rejected"].tolist())
+
+        # reference log-probs once, for exactly the pairs this rank will see
+        schedule = [ctx.batch_indices(step, len(pairs)) for step in range(ctx.train.steps)]
+        used = np.unique(np.concatenate(schedule))
+        ref_chosen = torch.zeros(len(pairs))
+        ref_rejected = torch.zeros(len(pairs))
+        ref_chosen[used] = ctx.reference.sequence_logps_batched(
+            [prompt_ids[i] for i in used], [chosen_ids[i] for i in used]
+        )
+        ref_rejected[used] = ctx.reference.sequence_logps_batched(
+            [prompt_ids[i] for i in used], [rejected_ids[i] for i in used]
+        )
+        if params.average_logps:
+            # completion lengths in tokens (EOS included, so never 0): the policy's mask counts the same
+            ref_chosen /= torch.tensor([len(c) for c in chosen_ids], dtype=ref_chosen.dtype)
+            ref_rejected /= torch.tensor([len(c) for c in rejected_ids], dtype=ref_rejected.dtype)
+
+        policy.model.train()
+        for step in range(ctx.train.steps):
+            if ctx.should_evaluate(step):
+                ctx.evaluate(policy, step)
+            idx = schedule[step]
+            b = len(idx)
+            token_logps, mask = policy.token_logps(
+                [prompt_ids[i] for i in idx] * 2,
+                [chosen_ids[i] for i in idx] + [rejected_ids[i] for i in idx],
+            )  # (2B, T): chosen first, rejected second
+            seq_logps = (token_logps * mask).sum(-1)  # (2B,) nats per sequence
+            logps = seq_logps / mask.sum(-1) if params.average_logps else seq_logps  # (2B,)
+            losses, chosen_r, rejected_r = ipo_loss(
+                logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
+            )
+            loss = losses.mean()
+            opt = ctx.optimize(loss)
+            ctx.log(
+                step + 1,
+                {
+                    "losses/ipo": float(loss.detach()),
+                    "rewards/chosen": float(chosen_r.mean()),
+                    "rewards/rejected": float(rejected_r.mean()),
+                    "rewards/margin": float((chosen_r - rejected_r).mean()),
+                    "rewards/accuracy": float((chosen_r > rejected_r).float().mean()),
+                    "logratios/margin": float((chosen_r - rejected_r).mean()) / beta,  # h; target 1/(2β)
+                    "logps/chosen": float(seq_logps[:b].detach().mean()),  # nats per sequence
+                    "optim/lr": opt.get("lr", float("nan")),
+                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                },
+            )
+        ctx.evaluate(policy, ctx.train.steps, final=True)
+        return {}
+
+
+ALGORITHMS.register(IPO())

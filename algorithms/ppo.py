@@ -1,0 +1,270 @@
+"""PPO with a KL penalty to the reference (Ziegler et al. 2019; Ouyang et al. 2022), and PPO-GT.
+
+Per iteration: sample one completion per train prompt from π at `rollout_temperature`, score it
+(`ppo`: the learned reward model; `ppo-gt`: the env's gold reward, the DPO paper's PPO-GT), and
+shape per-token rewards
+
+    r_t = −kl_coef · KL_t  (+ score at the last token),   KL_t = log π(y_t|·) − log π_ref(y_t|·)   (k1)
+
+then GAE advantages (γ, λ) from a critic V(x, y_<t), and several epochs of the clipped objectives
+
+    L_π = E_t max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε)),   ρ_t = π(y_t|·) / π_old(y_t|·)
+    L_V = ½ E_t max((V_t − G_t)², (V_old,t + clip(V_t − V_old,t, ±ε_V) − G_t)²)
+    L   = L_π + vf_coef · L_V
+
+The critic is a separate scalar-head model (`algorithms.reward_model.ScalarModel`) started from
+the SFT backbone with a zero head; bench optimises it together with the policy in ONE DeepSpeed
+engine (needs "critic"). Every choice implementations disagree on is a param below, so it lands in
+the results' params column: where the KL goes (`kl_placement`), its estimator (`kl_estimator`),
+token- vs sequence-mean losses (`loss_aggregation`), whitening, γ/λ, clip ranges, epochs and
+minibatches, and the rollout temperature. Frontier knob: `kl_coef` (with `target_kl` set, the
+adaptive controller moves kl_coef and a suite can name `knob: target_kl`).
+
+`train.steps` counts PPO iterations (rollout batches of `train.batch_size` prompts); each makes
+`ppo_epochs × num_minibatches` optimizer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from algorithms import ALGORITHMS
+from algorithms.interface import TrainContext, check
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(π‖π_ref) estimate from log-probs of tokens sampled from π, (B, T) nats.
+
+    k1 = log π − log π_ref (unbiased, can be negative); k3 = (r − 1) − log r, r = π_ref/π (≥ 0).
+    """
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio  # k3
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over left-aligned completions; all (B, T), mask 1 on real tokens.
+
+    δ_t = r_t + γ V_{t+1} − V_t (V past the last token is 0); A_t = δ_t + γλ A_{t+1}. Returns
+    (advantages, returns = advantages + values), zero on padding.
+    """
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean") -> torch.Tensor:
+    """Mean over real tokens of the whole batch ("token_mean") or of per-sequence means ("sequence_mean")."""
+    if aggregation == "token_mean":
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    cliprange_value: float,
+    aggregation: str = "token_mean",
+) -> dict[str, torch.Tensor]:
+    """Clipped policy and value losses; every input (B, T). Returns policy, value, clipfrac, approx_kl."""
+    ratio = torch.exp(logps - old_logps)
+    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
+        approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
+    return {
+        "policy": masked_mean(pg, mask, aggregation),
+        "value": masked_mean(vf, mask, aggregation),
+        "clipfrac": clipfrac,
+        "approx_kl": approx_kl,
+    }
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: kl_coef ← kl_coef · (1 + clip(KL/target − 1, ±0.2) · n / horizon)."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n / self.horizon
+
+
+@dataclass
+class PPOParams:
+    kl_coef: float = 0.05  # β of the KL penalty (initial value when target_kl is set); the frontier knob
+    target_kl: float | None = None  # nats per sequence; set → adaptive controller (Ziegler et al.)
+    kl_horizon: int = 10_000  # adaptive controller horizon, in samples
+    kl_estimator: str = "k1"  # "k1" (log π − log π_ref, InstructGPT/TRL) or "k3" (non-negative, GRPO)
+    kl_placement: str = "per_token"  # "per_token" reward penalty; "sequence": summed, at the last token; "loss": a term of L_π
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    whiten_advantages: bool = True  # normalise advantages over the batch's tokens
+    cliprange: float = 0.2  # ε of the policy ratio
+    cliprange_value: float = 0.2  # ε_V of the value clip
+    vf_coef: float = 0.1  # weight of the value loss in the shared optimizer step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    num_minibatches: int = 1  # optimizer steps per pass
+    loss_aggregation: str = "token_mean"  # "token_mean" over the batch's tokens or "sequence_mean"
+    rollout_temperature: float = 1.0  # sampling temperature of rollouts; π and π_ref are scored at it
+
+    def __post_init__(self) -> None:
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0 (or null for a fixed kl_coef)")
+        check(self.kl_horizon >= 1, "kl_horizon", "must be >= 1")
+        check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be 'k1' or 'k3'")
+        check(self.kl_placement in ("per_token", "sequence", "loss"), "kl_placement",
+              "must be 'per_token', 'sequence' or 'loss'")
+        check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+        check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        check(self.cliprange > 0, "cliprange", "must be > 0")
+        check(self.cliprange_value > 0, "cliprange_value", "must be > 0")
+        check(self.vf_coef >= 0, "vf_coef", "must be >= 0")
+        check(isinstance(self.ppo_epochs, int) and self.ppo_epochs >= 1, "ppo_epochs", "must be an integer >= 1")
+        check(isinstance(self.num_minibatches, int) and self.num_minibatches >= 1, "num_minibatches",
+              "must be an integer >= 1")
+        check(self.loss_aggregation in ("token_mean", "sequence_mean"), "loss_aggregation",
+              "must be 'token_mean' or 'sequence_mean'")
+        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
+
+
+class PPO:
+    """One implementation, two registered algorithms: `ppo` (learned RM) and `ppo-gt` (gold reward)."""
+
+    params_cls = PPOParams
+    knob = "kl_coef"
+    trains_policy = True
+
+    def __init__(self, name: str, reward: str):
+        self.name = name
+        self.reward = reward  # "reward_model" or "gold"
+        self.needs = frozenset({"prompts", "critic", reward})
+
+    def _score(self, ctx: TrainContext, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        if self.reward == "gold":
+            scores = ctx.gold(prompts, completions)
+        else:
+            scores = ctx.reward_model.score(prompts, completions)
+        return torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
+
+    def train(self, ctx: TrainContext) -> dict:
+        p: PPOParams = ctx.params
+        policy, reference, critic = ctx.policy, ctx.reference, ctx.critic
+        prompts = ctx.data.train_prompts
+        if not prompts:
+            raise ValueError(f"{self.name} needs train prompts; the env produced none")
+        kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
+        kl_coef = p.kl_coef
+        T = p.rollout_temperature
+
+        for it in range(ctx.train.steps):
+            if ctx.should_evaluate(it):
+                ctx.evaluate(policy, it)
+            # ---- rollout: one completion per prompt of this rank's slice
+            idx = ctx.batch_indices(it, len(prompts))
+            batch = [prompts[i] for i in idx]
+            roll = policy.generate(batch, n=1, temperature=T, max_new_tokens=ctx.max_new_tokens,
+                                   seed=(ctx.seed * 1_000_003 + it) * 64 + ctx.rank)
+            p_ids, c_ids = roll.prompt_ids, roll.completion_ids
+            keep = [i for i, c in enumerate(c_ids) if c]  # an empty completion has no token to score
+            p_ids, c_ids = [p_ids[i] for i in keep], [c_ids[i] for i in keep]
+            score = self._score(ctx, [roll.prompts[i] for i in keep], [roll.completions[i] for i in keep])
+            with torch.no_grad():
+                old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)
+                ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
+                ref_logps = ref_logps.to(old_logps.device)
+                old_values, _ = critic.token_values(p_ids, c_ids)
+                old_values = old_values.to(old_logps.device)
+                kl_tokens = kl_penalty(old_logps, ref_logps, p.kl_estimator) * mask  # (B, T)
+                seq_kl = kl_tokens.sum(-1)  # (B,) nats per sequence
+                last = mask.sum(-1).long() - 1  # index of each completion's last token
+                rows = torch.arange(len(last), device=mask.device)
+                rewards = torch.zeros_like(old_logps)
+                rewards[rows, last] += score.to(rewards.device)
+                if p.kl_placement == "per_token":
+                    rewards -= kl_coef * kl_tokens
+                elif p.kl_placement == "sequence":
+                    rewards[rows, last] -= kl_coef * seq_kl
+                advantages, returns = gae(rewards, old_values, mask, p.gamma, p.lam)
+                if p.whiten_advantages:
+                    advantages = whiten(advantages, mask)
+
+            # ---- PPO epochs over the batch
+            stats: dict[str, list[float]] = {}
+            n = len(p_ids)
+            for epoch in range(p.ppo_epochs):
+                order = np.random.default_rng([ctx.seed, it, epoch, ctx.rank]).permutation(n)
+                for mb in np.array_split(order, p.num_minibatches):
+                    if len(mb) == 0:
+                        continue
+                    mb_p, mb_c = [p_ids[i] for i in mb], [c_ids[i] for i in mb]
+                    logps, mb_mask = policy.token_logps(mb_p, mb_c, temperature=T)
+                    values, _ = critic.token_values(mb_p, mb_c)
+                    sel = torch.as_tensor(mb, device=logps.device)
+                    width = logps.shape[1]
+                    losses = ppo_losses(
+                        logps, old_logps[sel, :width], advantages[sel, :width], values.to(logps.device),
+                        old_values[sel, :width], returns[sel, :width], mb_mask,
+                        cliprange=p.cliprange, cliprange_value=p.cliprange_value, aggregation=p.loss_aggregation,
+                    )
+                    loss = losses["policy"] + p.vf_coef * losses["value"]
+                    if p.kl_placement == "loss":
+                        kl_now = kl_penalty(logps, ref_logps[sel, :width], p.kl_estimator)
+                        loss = loss + kl_coef * masked_mean(kl_now, mb_mask, p.loss_aggregation)
+                    opt = ctx.optimize(loss)
+                    for key, value in losses.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
+                    stats.setdefault("grad_norm", []).append(opt.get("grad_norm", float("nan")))
+                    stats.setdefault("lr", []).append(opt.get("lr", float("nan")))
+
+            mean_kl = float(seq_kl.mean())
+            ctx.log(it + 1, {
+                "objective/score": float(score.mean()),
+                "objective/kl": mean_kl,
+                "objective/kl_coef": kl_coef,
+                "objective/reward": float(score.mean()) - kl_coef * mean_kl,
+                "objective/length": float(mask.sum(-1).mean()),
+                "losses/policy": float(np.mean(stats["policy"])),
+                "losses/value": float(np.mean(stats["value"])),
+                "policy/clipfrac": float(np.mean(stats["clipfrac"])),
+                "policy/approx_kl": float(np.mean(stats["approx_kl"])),
+                "optim/lr": stats["lr"][-1],
+                "optim/grad_norm": float(np.mean(stats["grad_norm"])),
+            })
+            if kl_ctl is not None:  # every rank moves kl_coef by the same, all-rank KL
+                kl_ctl.update(ctx.mean_over_ranks({"kl": mean_kl})["kl"], n * ctx.world_size)
+                kl_coef = kl_ctl.value
+        ctx.evaluate(policy, ctx.train.steps, final=True)
+        return {"final_kl_coef": kl_coef}
+
+
+ALGORITHMS.register(PPO("ppo", reward="reward_model"))
+ALGORITHMS.register(PPO("ppo-gt", reward="gold"))

@@ -1,0 +1,70 @@
+"""Preferred-FT, the DPO paper's baseline: supervised fine-tuning on the chosen completions only.
+
+    L_PFT = -(1/|y_w|) Σ_t log π(y_w,t | x, y_w,<t)   (mean over all chosen tokens of the batch)
+
+The rejected completions are ignored. A prompt's chosen completion often appears in several pairs
+(one per rejected completion it beat); the (prompt, chosen) examples are deduplicated first, so
+each preferred completion counts once however many pairs it won, and `batch_size` counts these
+unique examples. No reference policy, no knob: one point on the frontier, like `sft`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from algorithms import ALGORITHMS
+from algorithms.interface import TrainContext
+from algorithms.sft import sft_loss
+
+
+def preferred_examples(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The distinct (prompt, chosen) rows of `pairs`, in order of first appearance, re-indexed 0..N-1."""
+    return pairs[["prompt", "chosen"]].drop_duplicates().reset_index(drop=True)
+
+
+@dataclass
+class PreferredFTParams:
+    """No parameters: the optimisation settings (TrainSettings) are the whole configuration."""
+
+
+class PreferredFT:
+    name = "preferred-ft"
+    params_cls = PreferredFTParams
+    knob = None
+    needs = frozenset({"pairs"})
+    trains_policy = True
+
+    def train(self, ctx: TrainContext) -> dict:
+        policy = ctx.policy
+        if len(ctx.data.pairs) == 0:
+            raise ValueError("preferred-ft needs preference pairs; the env produced none")
+        examples = preferred_examples(ctx.data.pairs)
+        prompt_ids = policy.encode_prompts(examples["prompt"].tolist())
+        chosen_ids = policy.encode_completions(examples["chosen"].tolist())
+
+        policy.model.train()
+        for step in range(ctx.train.steps):
+            if ctx.should_evaluate(step):
+                ctx.evaluate(policy, step)
+            idx = ctx.batch_indices(step, len(examples))
+            token_logps, mask = policy.token_logps(
+                [prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx]
+            )  # (B, T)
+            loss = sft_loss(token_logps, mask)
+            opt = ctx.optimize(loss)
+            ctx.log(
+                step + 1,
+                {
+                    "losses/preferred_ft": float(loss.detach()),
+                    "logps/chosen": float((token_logps * mask).sum(-1).detach().mean()),  # nats per sequence
+                    "optim/lr": opt.get("lr", float("nan")),
+                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                },
+            )
+        ctx.evaluate(policy, ctx.train.steps, final=True)
+        return {}
+
+
+ALGORITHMS.register(PreferredFT())

@@ -1,0 +1,87 @@
+"""Best-of-n: the unbiased estimator against brute force over all subsets, and the sampler."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from algorithms import ALGORITHMS
+from algorithms.best_of_n import BestOfNParams, BestOfNSampler, analytic_kl, bon_weights, unbiased_bon
+from algorithms.interface import ParamError
+from bench.evaluate import EvalSet, best_of_n_stats, summarize
+
+
+def brute_force_bon(proxy: np.ndarray, gold: np.ndarray, n: int) -> float:
+    """Average over prompts and over every n-subset of the gold reward of the subset's proxy-best."""
+    per_prompt = []
+    for p in range(proxy.shape[0]):
+        vals = [gold[p, max(s, key=lambda i: proxy[p, i])] for s in itertools.combinations(range(proxy.shape[1]), n)]
+        per_prompt.append(np.mean(vals))
+    return float(np.mean(per_prompt))
+
+
+def test_unbiased_estimator_equals_brute_force_over_all_subsets():
+    rng = np.random.default_rng(0)
+    proxy = rng.normal(size=(5, 7))  # distinct values: no ties
+    gold = rng.uniform(size=(5, 7))
+    est = unbiased_bon(proxy, gold, [1, 2, 3, 5, 7])
+    for n, value in est.items():
+        assert value == pytest.approx(brute_force_bon(proxy, gold, n), abs=1e-12)
+    assert est[1] == pytest.approx(gold.mean())  # best-of-1 is a plain sample
+    assert est[7] == pytest.approx(np.mean(gold[np.arange(5), proxy.argmax(1)]))  # best-of-N is the argmax
+
+
+def test_weights_are_a_distribution_and_hand_case():
+    assert bon_weights(4, 2).tolist() == pytest.approx([0, 1 / 6, 2 / 6, 3 / 6])  # C(i-1,1)/C(4,2)
+    for N, n in [(8, 1), (8, 3), (64, 16), (64, 64)]:
+        assert bon_weights(N, n).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        bon_weights(4, 5)
+
+
+def test_analytic_kl():
+    assert analytic_kl(1) == 0.0
+    assert analytic_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_params_and_registration():
+    assert BestOfNParams(n=64).points() == [1, 2, 4, 8, 16, 32, 64]
+    assert BestOfNParams(n=12).points() == [1, 2, 4, 8, 12]
+    assert BestOfNParams(n=8, ns=[4, 1, 4]).points() == [1, 4]
+    with pytest.raises(ParamError, match="ns"):
+        BestOfNParams(n=8, ns=[16])
+    algo = ALGORITHMS.get("best-of-n")
+    assert algo.knob == "n" and algo.needs == {"reward_model"} and not algo.trains_policy
+
+
+class LengthRM:
+    """A stand-in proxy reward: longer completions score higher."""
+
+    def score(self, prompts, completions, batch_size=512):
+        return np.array([len(c.split()) for c in completions], dtype=float)
+
+
+def test_sampler_and_evaluator_rerank_one_set_of_samples(policy, prompts):
+    sampler = BestOfNSampler(policy, LengthRM(), n=8, ns=[1, 2, 8])
+    roll = sampler.generate(prompts, n=2, temperature=1.0, max_new_tokens=12, seed=0)
+    assert len(roll) == 2 * len(prompts) and roll.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # each returned completion is the proxy-best of its own group of 8
+    groups, proxy = sampler.sample_groups([p for p in prompts for _ in range(2)], temperature=1.0,
+                                          max_new_tokens=12, seed=0)
+    assert roll.extras["proxy_reward"].tolist() == proxy.max(1).tolist()
+
+    evalset = EvalSet(prompts=prompts, reference_gold=np.full(len(prompts), 0.5),
+                      gold=lambda p, c: np.array([len(x.split()) / 12 for x in c]))
+    per_n = best_of_n_stats(sampler, evalset, temperature=1.0, max_new_tokens=12, seed=3)
+    rows = {n: summarize(s, temperature=1.0) for n, s in per_n.items()}
+    # gold here is a function of the proxy: more n, more gold
+    assert rows[1]["gold_reward"] <= rows[2]["gold_reward"] <= rows[8]["gold_reward"]
+    assert rows[8]["kl_kind"] == "analytic" and rows[8]["kl"] == pytest.approx(analytic_kl(8))
+    assert rows[8]["n_samples"] == 8 * len(prompts) and rows[8]["n_prompts"] == len(prompts)
+    greedy = best_of_n_stats(sampler, evalset, temperature=0.0, max_new_tokens=12, seed=3)
+    g = {n: summarize(s, temperature=0.0) for n, s in greedy.items()}
+    assert g[1]["gold_reward"] == g[8]["gold_reward"] and g[8]["kl_kind"] == "none"
