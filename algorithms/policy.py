@@ -195,11 +195,10 @@ class Policy:
             eos_token_id=tok.eos_token_id,
             pad_token_id=pad,
             use_cache=True,
+            return_dict_in_generate=True,
+            output_scores=return_logps,
         )
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-            return_dict_in_generate=True, output_scores=return_logps,
-        )
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         new_ids = out.sequences[:, width:]  # (B, new)
         eos = tok.eos_token_id
         result = []

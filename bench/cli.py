@@ -45,7 +45,7 @@ def _list() -> None:
     for name in ALGORITHMS.names():
         a = ALGORITHMS.get(name)
         needs = ",".join(sorted(a.needs)) or "-"
-        print(f"  {name:16s} knob={a.knob or '-':10s} needs={needs:24s} {ALGORITHMS.origin(name)}")
+        print(f"  {name:16s} knob={a.knob or '-':10s} needs={needs:34s} {ALGORITHMS.origin(name)}")
     print("envs:")
     for name in ENVS.names():
         print(f"  {name:16s} {ENVS.origin(name)}")

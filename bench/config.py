@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: expected dotted.key=value")
     key, text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(text)
+        value = _parse_value(text)
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
     parts = key.strip().split(".")
@@ -215,6 +216,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads "1e-3" (no dot) as a string; suites are full of such learning rates: read them as
+# floats, as YAML 1.2 and every JSON parser do.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_value(text: str):
+    """A --set value, parsed as YAML with the suite loader's rules."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def load_suite(path: str | Path | None = None, overrides: list[str] | None = None) -> SuiteConfig:

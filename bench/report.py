@@ -59,6 +59,15 @@ def summary_table(evals: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def best_points(table: pd.DataFrame) -> pd.DataFrame:
+    """Per algorithm, the row of `summary_table` with the highest gold reward at T = 1."""
+    if not len(table):
+        return table
+    ranked = table.dropna(subset=["gold"]).sort_values("gold", ascending=False)
+    return ranked.drop_duplicates("algorithm").set_index("algorithm").loc[
+        [a for a in table["algorithm"].unique() if a in set(ranked["algorithm"])]].reset_index()
+
+
 def render_markdown(evals: pd.DataFrame, trials: pd.DataFrame) -> str:
     lines = []
     suite = evals["suite"].iloc[0] if len(evals) else (trials["suite"].iloc[0] if len(trials) else "?")
@@ -83,6 +92,23 @@ def render_markdown(evals: pd.DataFrame, trials: pd.DataFrame) -> str:
         lines.append("")
     else:
         lines += ["No trial produced a final evaluation.", ""]
+    best = best_points(table)
+    if len(best):
+        lines += ["## Best point per algorithm", "",
+                  "Highest final gold reward at T = 1 over each algorithm's knob values, and how far it moved "
+                  "from the reference to get there.", ""]
+        lines += ["| algorithm | knob | gold reward (T=1) | vs SFT | KL (nats) |", "|---|---|---|---|---|"]
+        sft_gold = table.loc[table["algorithm"] == "sft", "gold"]
+        for _, r in best.iterrows():
+            delta = f"{r['gold'] - sft_gold.iloc[0]:+.3f}" if len(sft_gold) else "–"
+            lines.append(f"| {r['algorithm']} | {_knob(r['knob'], r['knob_value'])} | {_fmt(r['gold'], r['gold_se'])} "
+                         f"| {delta} | {_fmt(r['kl'], r['kl_se'], 2)} |")
+        lines.append("")
+    rm = trials.dropna(subset=["rm_accuracy"]) if "rm_accuracy" in trials else trials.iloc[:0]
+    if len(rm):
+        per_seed = rm.groupby("seed")["rm_accuracy"].first()
+        lines += ["Learned reward model, held-out pair accuracy: "
+                  + ", ".join(f"{acc:.3f} (seed {seed})" for seed, acc in per_seed.items()) + ".", ""]
     failed = trials[trials["status"] != "ok"]
     if len(failed):
         lines += ["## Failed trials", ""]

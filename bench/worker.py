@@ -9,6 +9,8 @@ One DeepSpeed engine per process: every Ray Train worker is a fresh actor proces
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -282,6 +284,33 @@ def run_trial(payload: dict, report: Report) -> None:
     # this rank's slice of the eval prompts; rank 0 gathers and writes
     my_prompts = np.arange(rank, n_eval, world)
 
+    def measure(sampler, temperature: float, seed: int) -> dict:
+        stats = sample_stats(
+            sampler, reference, evalset, temperature=temperature, samples_per_prompt=ev.samples_per_prompt,
+            max_new_tokens=ev.max_new_tokens, seed=seed, batch_size=ev.batch_size, prompt_subset=my_prompts,
+        )
+        return summarize(concat_stats(_all_gather(stats, world)), temperature=temperature)
+
+    def reference_row(temperature: float, seed: int) -> dict:
+        """The reference's evaluation, computed once per env and eval setting and then read back.
+
+        Every trial's step-0 evaluation is of the SFT policy itself (nothing stepped yet), with the
+        same seeded samples as the `sft` baseline: identical numbers, so they are computed once.
+        """
+        key = hashlib.sha256(json.dumps(
+            {"eval": dataclasses.asdict(ev), "n": n_eval, "seed": seed, "t": temperature, "world": world},
+            sort_keys=True).encode()).hexdigest()[:16]
+        path = workdir / "reference_evals" / f"{key}.json"
+        if _all_gather(path.exists(), world)[0]:  # rank 0 decides, so every rank takes the same branch
+            return json.loads(path.read_text())
+        row = measure(reference, temperature, seed)
+        if rank == 0:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(row))
+            os.replace(tmp, path)
+        return row
+
     def evaluate(sampler, step: int, *, final: bool = False) -> dict:
         nonlocal eval_time
         t0 = time.time()
@@ -296,12 +325,8 @@ def run_trial(payload: dict, report: Report) -> None:
                     parts = _all_gather(stats, world)
                     rows.append({"knob_value": float(n), **summarize(concat_stats(parts), temperature=temperature)})
                 continue
-            stats = sample_stats(
-                sampler, reference, evalset, temperature=temperature, samples_per_prompt=ev.samples_per_prompt,
-                max_new_tokens=ev.max_new_tokens, seed=seed, batch_size=ev.batch_size, prompt_subset=my_prompts,
-            )
-            parts = _all_gather(stats, world)
-            rows.append(summarize(concat_stats(parts), temperature=temperature))
+            untouched = sampler is reference or (sampler is policy and not stepped)
+            rows.append(reference_row(temperature, seed) if untouched else measure(sampler, temperature, seed))
         eval_time += time.time() - t0
         wall = time.time() - t_start
         at_t1 = ([r for r in rows if r["temperature"] == 1.0] or rows)[-1]  # best-of-n: its largest n
@@ -322,9 +347,16 @@ def run_trial(payload: dict, report: Report) -> None:
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    stepped = False  # until the first optimizer step the policy is the reference, weight for weight
+
+    def step_policy(loss: torch.Tensor) -> dict:
+        nonlocal stepped
+        stepped = True
+        return optimize(loss)
+
     ctx = TrainContext(
         policy=policy, reference=reference, params=params, train=train, data=data,
-        optimize=optimize or _no_optimizer, evaluate=evaluate, log=log,
+        optimize=step_policy if optimize else _no_optimizer, evaluate=evaluate, log=log,
         gold=env.gold if "gold" in algo.needs else None, reward_model=reward_model, critic=critic,
         seed=spec.seed, rank=rank, world_size=world, max_new_tokens=ev.max_new_tokens,
         mean_over_ranks=lambda m: _mean_over_ranks(m, world),

@@ -82,22 +82,42 @@ def test_quick_suite_and_overrides_expand_to_the_sweep_grid():
     suite = load_suite(None, ["seeds=[0, 1]", "algorithms.0.sweep.beta=[0.5, 1.0]"])
     trials = expand_trials(suite)
     ids = [t.trial_id for t in trials]
-    assert ids == ["sft-seed0", "sft-seed1", "dpo-beta=0.5-seed0", "dpo-beta=0.5-seed1",
-                   "dpo-beta=1.0-seed0", "dpo-beta=1.0-seed1"]
+    assert ids[:6] == ["sft-seed0", "sft-seed1", "dpo-beta=0.5-seed0", "dpo-beta=0.5-seed1",
+                       "dpo-beta=1.0-seed0", "dpo-beta=1.0-seed1"]
     dpo = trials[2]
     assert dpo.knob == "beta" and dpo.knob_value == 0.5 and dpo.params == {"beta": 0.5}
     assert dpo.train["steps"] == suite.train.steps
 
 
-def test_quick_suite_is_the_default_with_four_betas_and_five_temperatures():
+def test_quick_suite_covers_every_algorithm_with_a_frontier():
     suite = load_suite(None)
     assert suite.env.name == "tiny-sentiment"
-    assert len(suite.algorithms[0].sweep["beta"]) >= 4
     assert suite.eval.temperatures == [0.0, 0.25, 0.5, 0.75, 1.0]
+    trials = expand_trials(suite)
+    points = {}
+    for t in trials:
+        points.setdefault(t.algorithm, set()).add(t.knob_value)
+    assert set(points) == {"sft", "dpo", "ipo", "ppo", "ppo-gt", "best-of-n", "preferred-ft", "unlikelihood"}
+    assert len(points["dpo"]) >= 4 and len(points["ppo"]) >= 4
+    bon = next(t for t in trials if t.algorithm == "best-of-n")
+    assert bon.params["n"] == 64  # every n = 1 … 64 is reported from these 64 samples
+
+
+def test_knob_override_and_reward_model_section():
+    suite = load_suite(None, ["algorithms=[{name: ppo, knob: target_kl, sweep: {target_kl: [3.0, 6.0]}}]"])
+    ppo = [t for t in expand_trials(suite) if t.algorithm == "ppo"]
+    assert [(t.knob, t.knob_value) for t in ppo] == [("target_kl", 3.0), ("target_kl", 6.0)]
+    with pytest.raises(ConfigError, match=r"algorithms\[0\]\.knob: ppo has no parameter 'tkl'"):
+        load_suite(None, ["algorithms=[{name: ppo, knob: tkl}]"])
+    with pytest.raises(ConfigError, match="reward_model.epoch: unknown key"):
+        load_suite(None, ["reward_model.epoch=2"])
+    with pytest.raises(ConfigError, match="reward_model.batch_size: must be divisible"):
+        load_suite(None, ["reward_model.batch_size=63", "scaling.num_workers=2"])
+    assert load_suite(None, ["reward_model.lr=1e-3"]).reward_model.lr == 1e-3
 
 
 def test_per_algorithm_train_override_and_list_index_errors():
     suite = load_suite(None, ["algorithms.0.train={steps: 7}"])
     assert {t.train["steps"] for t in expand_trials(suite) if t.algorithm == "dpo"} == {7}
     with pytest.raises(ConfigError, match="no list item"):
-        load_suite(None, ["algorithms.3.name=dpo"])
+        load_suite(None, ["algorithms.30.name=dpo"])

@@ -11,26 +11,30 @@ import sys
 import pandas as pd
 import pytest
 
+from pathlib import Path
+
 from bench.results import EVAL_COLUMNS
 
-SHRINK = [
-    "env.params.num_reviews=1500", "env.params.sft_epochs=1", "env.params.num_train_prompts=100",
-    "env.params.num_eval_prompts=32", "env.params.n_layer=2", "env.params.n_embd=64",
-    "train.steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=6",
-    "eval.num_prompts=32", "eval.samples_per_prompt=4", "eval.max_new_tokens=24",
-    "algorithms.0.sweep.beta=[0.5,2.0]", "scaling.max_concurrent_trials=2",
-]
+E2E = str(Path(__file__).parent / "suites" / "e2e.yaml")  # every algorithm, tiny sizes
+ALL_TRIALS = sorted([
+    "sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "ipo-beta=1.0-seed0", "ppo-kl_coef=0.1-seed0",
+    "ppo-gt-kl_coef=0.05-seed0", "best-of-n-seed0", "preferred-ft-seed0", "unlikelihood-alpha=0.1-seed0",
+])
+
+
+def run_cli(out, sets=(), cache=None, suite=E2E, timeout=1200):
+    args = [sys.executable, "-m", "bench.cli", "run", suite, "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    env = {**os.environ, **({"PREFBENCH_CACHE": str(cache)} if cache else {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     out = base / "out"
-    env = {**os.environ, "PREFBENCH_CACHE": str(base / "cache")}
-    args = [sys.executable, "-m", "bench.cli", "run", "--out", str(out)]
-    for s in SHRINK:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1200)
+    proc = run_cli(out, cache=base / "cache")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stderr, base / "cache"
 
@@ -41,7 +45,7 @@ def test_run_writes_results_config_versions_and_report(run_dir):
     for name in ("evals.parquet", "trials.parquet", "config.yaml", "versions.json", "report.md"):
         assert (out / name).is_file(), name
     trials = pd.read_parquet(out / "trials.parquet")
-    assert sorted(trials["trial_id"]) == ["dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "sft-seed0"]
+    assert sorted(trials["trial_id"]) == ALL_TRIALS
     assert (trials["status"] == "ok").all(), trials[["trial_id", "reason"]]
     evals = pd.read_parquet(out / "evals.parquet")
     assert list(evals.columns[: len(EVAL_COLUMNS)]) == EVAL_COLUMNS
@@ -50,6 +54,7 @@ def test_run_writes_results_config_versions_and_report(run_dir):
     # progress lines name trials and steps
     assert "[prefbench] start dpo-beta=0.5-seed0" in stderr
     assert "step 6/12" in stderr
+    assert "held-out pair accuracy" in stderr  # the shared reward-model stage ran (once)
 
 
 @pytest.mark.slow
@@ -84,8 +89,11 @@ def test_evaluation_rows_follow_the_schedule_and_the_kl_definition(run_dir):
 def test_report_table_and_report_command(run_dir):
     out, _, _ = run_dir
     text = (out / "report.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| dpo") or line.startswith("| sft")]
-    assert len(rows) == 3
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "=" in line.split("|")[2]]
+    # one row per (algorithm, knob value) in the main table: best-of-n has n = 1, 2, 4, 8
+    assert {r.split("|")[1].strip() for r in rows} >= {"dpo", "ipo", "ppo", "ppo-gt", "best-of-n", "unlikelihood"}
+    assert "| sft | – |" in text and "| preferred-ft | – |" in text
+    assert "## Best point per algorithm" in text and "held-out pair accuracy" in text
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0
     assert (out / "report.md").read_text() == text
@@ -110,7 +118,7 @@ def test_second_run_reuses_the_prepared_env(run_dir):
     from bench.run import prepare_env
 
     assert "SFT + pairs as a Ray Train job" in stderr
-    suite = load_suite(None, SHRINK + [f"cache_dir={cache}"])
+    suite = load_suite(E2E, [f"cache_dir={cache}"])
     envs = list((cache / "envs").iterdir())
     assert len(envs) == 1 and (envs[0] / "DONE").exists()
     mtime = (envs[0] / "sft" / "model.safetensors").stat().st_mtime
@@ -142,12 +150,8 @@ def test_two_workers_with_zero2_train_like_one_worker(run_dir, tmp_path):
     # same env (cached), same global batches: rank-sharded data + ZeRO-2 gives the 1-worker losses
     _, _, cache = run_dir
     out = tmp_path / "out2"
-    args = [sys.executable, "-m", "bench.cli", "run", "--out", str(out)]
-    for s in SHRINK + ["algorithms.0.sweep.beta=[0.5]", "baseline=false", "scaling.num_workers=2",
-                       "scaling.max_concurrent_trials=1", "deepspeed.zero_stage=2"]:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PREFBENCH_CACHE": str(cache)})
+    proc = run_cli(out, ["algorithms=[{name: dpo, sweep: {beta: [0.5]}}]", "baseline=false", "scaling.num_workers=2",
+                         "scaling.max_concurrent_trials=1", "deepspeed.zero_stage=2"], cache=cache, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "cached at" in proc.stderr
 
@@ -164,3 +168,59 @@ def test_two_workers_with_zero2_train_like_one_worker(run_dir, tmp_path):
     evals = pd.read_parquet(out / "evals.parquet")
     final = evals[evals["final"] & (evals["temperature"] == 1.0)].iloc[0]
     assert final["n_samples"] == 32 * 4  # both ranks' halves of the eval prompts were gathered
+
+
+@pytest.mark.slow
+def test_best_of_n_reports_every_n_from_one_set_with_analytic_kl(run_dir):
+    out, _, _ = run_dir
+    evals = pd.read_parquet(out / "evals.parquet")
+    bon = evals[evals["algorithm"] == "best-of-n"]
+    assert set(bon["trial_id"]) == {"best-of-n-seed0"} and bon["final"].all()
+    t1 = bon[bon["temperature"] == 1.0].set_index("knob_value")
+    assert sorted(t1.index) == [1.0, 2.0, 4.0, 8.0]
+    assert (t1["kl_kind"] == "analytic").all()
+    for n, row in t1.iterrows():
+        assert row["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+        assert row["n_samples"] == 32 * 8  # every n from the same 8 samples per prompt
+    # best-of-1 is the reference's own distribution: same gold as the SFT point up to sampling noise
+    sft = evals[(evals["algorithm"] == "sft") & (evals["temperature"] == 1.0)].iloc[0]
+    assert abs(t1.loc[1.0, "gold_reward"] - sft["gold_reward"]) < 4 * max(sft["gold_reward_se"], 0.01)
+    other_t = bon[bon["temperature"] != 1.0]
+    assert len(other_t) == 4 * 4 and (other_t["kl_kind"] == "none").all()
+
+
+@pytest.mark.slow
+def test_reward_model_is_trained_once_cached_and_reported(run_dir):
+    out, stderr, cache = run_dir
+    from bench.config import load_suite
+    from bench.run import prepare_reward_model
+
+    rms = list((cache / "reward_models").iterdir())
+    assert len(rms) == 1 and (rms[0] / "DONE").exists() and (rms[0] / "model" / "config.json").exists()
+    metrics = json.loads((rms[0] / "metrics.json").read_text())
+    assert metrics["rm/heldout_pairs"] > 0 and 0 <= metrics["rm/heldout_accuracy"] <= 1
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    for uses_rm in ("ppo-kl_coef=0.1-seed0", "best-of-n-seed0"):
+        assert trials.loc[uses_rm, "rm_accuracy"] == pytest.approx(metrics["rm/heldout_accuracy"])
+    assert math.isnan(trials.loc["dpo-beta=0.5-seed0", "rm_accuracy"])
+    assert stderr.count("Bradley-Terry on the env's pairs") == 1
+    suite = load_suite(E2E, [f"cache_dir={cache}"])
+    envs = list((cache / "envs").iterdir())
+    assert prepare_reward_model(suite, {}, 0, envs[0], out / "unused") == rms[0]  # cached: no Ray needed
+
+
+@pytest.mark.slow
+def test_ppo_trials_train_policy_and_critic_and_log_the_objective(run_dir):
+    out, _, _ = run_dir
+    for trial in ("ppo-kl_coef=0.1-seed0", "ppo-gt-kl_coef=0.05-seed0"):
+        rows = [json.loads(line) for line in (out / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 7))
+        assert all(math.isfinite(r["losses/value"]) and math.isfinite(r["objective/score"]) for r in rows)
+        assert rows[-1]["objective/kl"] != 0  # the policy moved
+    evals = pd.read_parquet(out / "evals.parquet")
+    ppo = evals[(evals["algorithm"] == "ppo") & ~evals["final"]]
+    assert sorted(ppo["step"]) == [0, 3]
+    params = json.loads(evals[evals["algorithm"] == "ppo"]["params"].iloc[0])
+    # the knobs implementations disagree on are all in the results
+    assert {"kl_estimator", "kl_placement", "gamma", "lam", "whiten_advantages", "cliprange_value",
+            "ppo_epochs", "rollout_temperature", "loss_aggregation"} <= set(params)
