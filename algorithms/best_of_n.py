@@ -96,7 +96,7 @@ class BestOfNSampler:
             list(prompts), n=self.n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
             batch_size=self.batch_size,
         )
-        proxy = self.reward_model.score(roll.prompts, roll.completions, batch_size=self.batch_size)
+        proxy = self.reward_model.score(roll.prompts, roll.completions)
         return roll, proxy.reshape(len(prompts), self.n)
 
     def generate(

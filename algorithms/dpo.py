@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext, check
+from algorithms.pairs import (
+    EncodedPairs, implicit_reward_metrics, optim_metrics, reference_logps, training_schedule,
+)
 
 
 def dpo_loss(
@@ -54,24 +56,10 @@ class DPO:
     trains_policy = True
 
     def train(self, ctx: TrainContext) -> dict:
-        policy, pairs, beta = ctx.policy, ctx.data.pairs, ctx.params.beta
-        if len(pairs) == 0:
-            raise ValueError("DPO needs preference pairs; the env produced none")
-        prompt_ids = policy.encode_prompts(pairs["prompt"].tolist())
-        chosen_ids = policy.encode_completions(pairs["chosen"].tolist())
-        rejected_ids = policy.encode_completions(pairs["rejected"].tolist())
-
-        # reference log-probs once, for exactly the pairs this rank will see
-        schedule = [ctx.batch_indices(step, len(pairs)) for step in range(ctx.train.steps)]
-        used = np.unique(np.concatenate(schedule))
-        ref_chosen = torch.zeros(len(pairs))
-        ref_rejected = torch.zeros(len(pairs))
-        ref_chosen[used] = ctx.reference.sequence_logps_batched(
-            [prompt_ids[i] for i in used], [chosen_ids[i] for i in used]
-        )
-        ref_rejected[used] = ctx.reference.sequence_logps_batched(
-            [prompt_ids[i] for i in used], [rejected_ids[i] for i in used]
-        )
+        policy, beta = ctx.policy, ctx.params.beta
+        enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
+        schedule = training_schedule(ctx, len(enc))
+        ref_chosen, ref_rejected = reference_logps(ctx, enc, schedule)
 
         policy.model.train()
         for step in range(ctx.train.steps):
@@ -79,10 +67,7 @@ class DPO:
                 ctx.evaluate(policy, step)
             idx = schedule[step]
             b = len(idx)
-            logps = policy.sequence_logps(
-                [prompt_ids[i] for i in idx] * 2,
-                [chosen_ids[i] for i in idx] + [rejected_ids[i] for i in idx],
-            )  # (2B,): chosen first, rejected second
+            logps = policy.sequence_logps(*enc.both(idx))  # (2B,): chosen first, rejected second
             losses, chosen_r, rejected_r = dpo_loss(
                 logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
             )
@@ -92,13 +77,9 @@ class DPO:
                 step + 1,
                 {
                     "losses/dpo": float(loss.detach()),
-                    "rewards/chosen": float(chosen_r.mean()),
-                    "rewards/rejected": float(rejected_r.mean()),
-                    "rewards/margin": float((chosen_r - rejected_r).mean()),
-                    "rewards/accuracy": float((chosen_r > rejected_r).float().mean()),
+                    **implicit_reward_metrics(chosen_r, rejected_r),
                     "logps/chosen": float(logps[:b].detach().mean()),
-                    "optim/lr": opt.get("lr", float("nan")),
-                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                    **optim_metrics(opt),
                 },
             )
         ctx.evaluate(policy, ctx.train.steps, final=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import torch
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext, check
+from algorithms.pairs import (
+    EncodedPairs, implicit_reward_metrics, optim_metrics, reference_logps, training_schedule,
+)
 
 
 def ipo_loss(
@@ -64,29 +65,14 @@ class IPO:
     trains_policy = True
 
     def train(self, ctx: TrainContext) -> dict:
-        policy, pairs, params = ctx.policy, ctx.data.pairs, ctx.params
+        policy, params = ctx.policy, ctx.params
         beta = params.beta
-        if len(pairs) == 0:
-            raise ValueError("IPO needs preference pairs; the env produced none")
-        prompt_ids = policy.encode_prompts(pairs["prompt"].tolist())
-        chosen_ids = policy.encode_completions(pairs["chosen"].tolist())
-        rejected_ids = policy.encode_completions(pairs["rejected"].tolist())
-
-        # reference log-probs once, for exactly the pairs this rank will see
-        schedule = [ctx.batch_indices(step, len(pairs)) for step in range(ctx.train.steps)]
-        used = np.unique(np.concatenate(schedule))
-        ref_chosen = torch.zeros(len(pairs))
-        ref_rejected = torch.zeros(len(pairs))
-        ref_chosen[used] = ctx.reference.sequence_logps_batched(
-            [prompt_ids[i] for i in used], [chosen_ids[i] for i in used]
-        )
-        ref_rejected[used] = ctx.reference.sequence_logps_batched(
-            [prompt_ids[i] for i in used], [rejected_ids[i] for i in used]
-        )
-        if params.average_logps:
-            # completion lengths in tokens (EOS included, so never 0): the policy's mask counts the same
-            ref_chosen /= torch.tensor([len(c) for c in chosen_ids], dtype=ref_chosen.dtype)
-            ref_rejected /= torch.tensor([len(c) for c in rejected_ids], dtype=ref_rejected.dtype)
+        enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
+        schedule = training_schedule(ctx, len(enc))
+        ref_chosen, ref_rejected = reference_logps(ctx, enc, schedule)
+        if params.average_logps:  # per token; the policy's mask counts the same tokens (EOS included)
+            chosen_len, rejected_len = enc.completion_lengths()
+            ref_chosen, ref_rejected = ref_chosen / chosen_len, ref_rejected / rejected_len
 
         policy.model.train()
         for step in range(ctx.train.steps):
@@ -94,10 +80,7 @@ class IPO:
                 ctx.evaluate(policy, step)
             idx = schedule[step]
             b = len(idx)
-            token_logps, mask = policy.token_logps(
-                [prompt_ids[i] for i in idx] * 2,
-                [chosen_ids[i] for i in idx] + [rejected_ids[i] for i in idx],
-            )  # (2B, T): chosen first, rejected second
+            token_logps, mask = policy.token_logps(*enc.both(idx))  # (2B, T): chosen first, rejected second
             seq_logps = (token_logps * mask).sum(-1)  # (2B,) nats per sequence
             logps = seq_logps / mask.sum(-1) if params.average_logps else seq_logps  # (2B,)
             losses, chosen_r, rejected_r = ipo_loss(
@@ -109,14 +92,10 @@ class IPO:
                 step + 1,
                 {
                     "losses/ipo": float(loss.detach()),
-                    "rewards/chosen": float(chosen_r.mean()),
-                    "rewards/rejected": float(rejected_r.mean()),
-                    "rewards/margin": float((chosen_r - rejected_r).mean()),
-                    "rewards/accuracy": float((chosen_r > rejected_r).float().mean()),
+                    **implicit_reward_metrics(chosen_r, rejected_r),
                     "logratios/margin": float((chosen_r - rejected_r).mean()) / beta,  # h; target 1/(2β)
                     "logps/chosen": float(seq_logps[:b].detach().mean()),  # nats per sequence
-                    "optim/lr": opt.get("lr", float("nan")),
-                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                    **optim_metrics(opt),
                 },
             )
         ctx.evaluate(policy, ctx.train.steps, final=True)

@@ -271,7 +271,7 @@ class Policy:
         completion_ids: Sequence[Sequence[int]],
         *,
         temperature: float = 1.0,
-        batch_size: int = 256,
+        batch_size: int = 128,
     ) -> torch.Tensor:
         """`sequence_logps` without grads, in batches (for references and evaluation), (B,) on CPU."""
         was_training = self.model.training

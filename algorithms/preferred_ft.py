@@ -16,6 +16,7 @@ import pandas as pd
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext
+from algorithms.pairs import optim_metrics
 from algorithms.sft import sft_loss
 
 
@@ -59,8 +60,7 @@ class PreferredFT:
                 {
                     "losses/preferred_ft": float(loss.detach()),
                     "logps/chosen": float((token_logps * mask).sum(-1).detach().mean()),  # nats per sequence
-                    "optim/lr": opt.get("lr", float("nan")),
-                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                    **optim_metrics(opt),
                 },
             )
         ctx.evaluate(policy, ctx.train.steps, final=True)

@@ -171,7 +171,7 @@ class ScalarModel:
         return p_ids, c_ids
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 512) -> np.ndarray:
+    def score(self, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 128) -> np.ndarray:
         """Reward of each (prompt, completion) text, shape (N,): the proxy reward PPO and best-of-N use."""
         if len(prompts) == 0:
             return np.zeros(0)
@@ -198,7 +198,7 @@ def split_pairs(pairs: pd.DataFrame, heldout_fraction: float, seed: int) -> tupl
 
 
 @torch.no_grad()
-def pair_metrics(rm: ScalarModel, pairs: pd.DataFrame, *, batch_size: int = 256) -> dict:
+def pair_metrics(rm: ScalarModel, pairs: pd.DataFrame, *, batch_size: int = 128) -> dict:
     """Accuracy (r_w > r_l), mean BT loss and, where the pairs carry gold, Pearson(r, gold)."""
     if len(pairs) == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "gold_pearson": float("nan"), "pairs": 0}

@@ -20,6 +20,7 @@ import torch
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext, check
+from algorithms.pairs import EncodedPairs, optim_metrics
 
 _MAX_PROB = 1.0 - 1e-6  # log(1 - p) is capped at log(1e-6) ≈ -13.8 nats; tokens above get no gradient
 
@@ -74,23 +75,16 @@ class Unlikelihood:
     trains_policy = True
 
     def train(self, ctx: TrainContext) -> dict:
-        policy, pairs, alpha = ctx.policy, ctx.data.pairs, ctx.params.alpha
-        if len(pairs) == 0:
-            raise ValueError("unlikelihood needs preference pairs; the env produced none")
-        prompt_ids = policy.encode_prompts(pairs["prompt"].tolist())
-        chosen_ids = policy.encode_completions(pairs["chosen"].tolist())
-        rejected_ids = policy.encode_completions(pairs["rejected"].tolist())
+        policy, alpha = ctx.policy, ctx.params.alpha
+        enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
 
         policy.model.train()
         for step in range(ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
-            idx = ctx.batch_indices(step, len(pairs))
+            idx = ctx.batch_indices(step, len(enc))
             b = len(idx)
-            token_logps, mask = policy.token_logps(
-                [prompt_ids[i] for i in idx] * 2,
-                [chosen_ids[i] for i in idx] + [rejected_ids[i] for i in idx],
-            )  # (2B, T): chosen first, rejected second
+            token_logps, mask = policy.token_logps(*enc.both(idx))  # (2B, T): chosen first, rejected second
             losses, nll_chosen, ul_rejected = unlikelihood_loss(
                 token_logps[:b], mask[:b], token_logps[b:], mask[b:], alpha
             )
@@ -105,8 +99,7 @@ class Unlikelihood:
                     "losses/ul_rejected": float(ul_rejected.detach().mean()),
                     "logps/chosen": float(seq_logps[:b].mean()),
                     "logps/rejected": float(seq_logps[b:].mean()),
-                    "optim/lr": opt.get("lr", float("nan")),
-                    "optim/grad_norm": opt.get("grad_norm", float("nan")),
+                    **optim_metrics(opt),
                 },
             )
         ctx.evaluate(policy, ctx.train.steps, final=True)

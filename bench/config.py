@@ -52,10 +52,11 @@ class EvalSettings:
     samples_per_prompt: int = 4  # k samples per prompt at each temperature
     max_new_tokens: int = 32
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    batch_size: int = 512  # sequences per generation / scoring batch
+    batch_size: int = 512  # sequences per generation batch (KV-cached sampling likes them large)
+    score_batch_size: int = 128  # sequences per teacher-forced scoring batch (on CPU, memory-bound: 128 ran 1.8x faster than 512)
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+        for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size", "score_batch_size"):
             if getattr(self, name) < 1:
                 raise ParamError(name, "must be >= 1")
         if not self.temperatures:

@@ -57,7 +57,7 @@ def clustered_mean_se(values: np.ndarray, cluster: np.ndarray) -> tuple[float, f
 
 @torch.no_grad()
 def kl_per_sample(
-    policy: Policy, reference: Policy, rollout: Rollout, *, batch_size: int = 512
+    policy: Policy, reference: Policy, rollout: Rollout, *, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample sequence KL estimates (k1, k3) in nats for samples drawn from `policy` at rollout.temperature."""
     temperature = rollout.temperature
@@ -116,6 +116,7 @@ def sample_stats(
     max_new_tokens: int,
     seed: int = 0,
     batch_size: int = 512,
+    score_batch_size: int = 128,
     prompt_subset: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-sample statistics on `prompt_subset` of the eval prompts (all by default).
@@ -127,9 +128,8 @@ def sample_stats(
     subset = np.arange(len(evalset.prompts)) if prompt_subset is None else np.asarray(prompt_subset)
     prompts = [evalset.prompts[i] for i in subset]
     kwargs = {"batch_size": batch_size} if isinstance(sampler, Policy) else {}
-    roll = sampler.generate(
-        prompts, n=samples_per_prompt, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **kwargs
-    )
+    k = samples_per_prompt if temperature > 0 else 1  # greedy decoding: the k samples would be identical
+    roll = sampler.generate(prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
     prompt = subset[roll.prompt_index]
     gold = np.asarray(evalset.gold(roll.prompts, roll.completions), dtype=np.float64)
     ref_gold = evalset.reference_gold[prompt]
@@ -147,7 +147,7 @@ def sample_stats(
     if callable(analytic):
         stats["analytic_kl"][:] = float(analytic())
     elif temperature > 0 and isinstance(sampler, Policy) and n:
-        stats["k1"], stats["k3"] = kl_per_sample(sampler, reference, roll, batch_size=batch_size)
+        stats["k1"], stats["k3"] = kl_per_sample(sampler, reference, roll, batch_size=score_batch_size)
     return stats
 
 

@@ -31,6 +31,7 @@ from envs import ENVS
 from envs.base import load_env_data
 
 Report = Callable[[dict], None]
+REFERENCE_EVAL_FORMAT = 2  # part of the cache key of reference evaluations: bump when the evaluator changes
 
 
 def _quiet() -> None:
@@ -287,7 +288,8 @@ def run_trial(payload: dict, report: Report) -> None:
     def measure(sampler, temperature: float, seed: int) -> dict:
         stats = sample_stats(
             sampler, reference, evalset, temperature=temperature, samples_per_prompt=ev.samples_per_prompt,
-            max_new_tokens=ev.max_new_tokens, seed=seed, batch_size=ev.batch_size, prompt_subset=my_prompts,
+            max_new_tokens=ev.max_new_tokens, seed=seed, batch_size=ev.batch_size,
+            score_batch_size=ev.score_batch_size, prompt_subset=my_prompts,
         )
         return summarize(concat_stats(_all_gather(stats, world)), temperature=temperature)
 
@@ -298,7 +300,8 @@ def run_trial(payload: dict, report: Report) -> None:
         same seeded samples as the `sft` baseline: identical numbers, so they are computed once.
         """
         key = hashlib.sha256(json.dumps(
-            {"eval": dataclasses.asdict(ev), "n": n_eval, "seed": seed, "t": temperature, "world": world},
+            {"eval": dataclasses.asdict(ev), "n": n_eval, "seed": seed, "t": temperature, "world": world,
+             "format": REFERENCE_EVAL_FORMAT},
             sort_keys=True).encode()).hexdigest()[:16]
         path = workdir / "reference_evals" / f"{key}.json"
         if _all_gather(path.exists(), world)[0]:  # rank 0 decides, so every rank takes the same branch

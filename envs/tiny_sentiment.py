@@ -113,6 +113,7 @@ def make_review(rng: np.random.Generator) -> list[str]:
 class TinySentiment:
     name = "tiny-sentiment"
     params_cls = TinySentimentParams
+    version = 2  # part of the cache key: bump when what build/SFT/finish produce changes
 
     @cached_property
     def _vader(self):
@@ -152,6 +153,9 @@ class TinySentiment:
         config = GPT2Config(
             vocab_size=len(vocab), n_positions=128, n_embd=params.n_embd, n_layer=params.n_layer,
             n_head=params.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            # GPT-2's tanh-GELU as one fused kernel: the same function (to 1e-7) as "gelu_new",
+            # ~25% faster training on CPU, where these tiny models are elementwise-bound
+            activation_function="gelu_pytorch_tanh",
             bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"],
         )
         import torch

@@ -1,0 +1,78 @@
+"""What the pair-based algorithms (DPO, IPO, Unlikelihood, Preferred-FT) share: encoded pairs,
+one batch of chosen + rejected for a single forward pass, and reference log-probs computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from algorithms.interface import TrainContext
+from algorithms.policy import Policy
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of every pair: prompts with special tokens, completions + EOS (Policy's convention)."""
+
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+
+    @classmethod
+    def encode(cls, policy: Policy, pairs: pd.DataFrame, algorithm: str) -> "EncodedPairs":
+        if len(pairs) == 0:
+            raise ValueError(f"{algorithm} needs preference pairs; the env produced none")
+        return cls(
+            prompt_ids=policy.encode_prompts(pairs["prompt"].tolist()),
+            chosen_ids=policy.encode_completions(pairs["chosen"].tolist()),
+            rejected_ids=policy.encode_completions(pairs["rejected"].tolist()),
+        )
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def both(self, idx: np.ndarray) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompts, completions) of 2B sequences for ONE forward: the B chosen first, then the B rejected."""
+        prompts = [self.prompt_ids[i] for i in idx]
+        return prompts * 2, [self.chosen_ids[i] for i in idx] + [self.rejected_ids[i] for i in idx]
+
+    def completion_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens per chosen / rejected completion (EOS included, so never 0), each (N,)."""
+        return (torch.tensor([len(c) for c in self.chosen_ids], dtype=torch.float32),
+                torch.tensor([len(c) for c in self.rejected_ids], dtype=torch.float32))
+
+
+def training_schedule(ctx: TrainContext, n_items: int) -> list[np.ndarray]:
+    """This rank's batch indices for every step of the trial (see TrainContext.batch_indices)."""
+    return [ctx.batch_indices(step, n_items) for step in range(ctx.train.steps)]
+
+
+def reference_logps(ctx: TrainContext, enc: EncodedPairs, schedule: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log π_ref of chosen and rejected (nats, (N,)), computed once, for exactly the pairs
+    this rank's schedule uses (the others stay 0 and are never read)."""
+    used = np.unique(np.concatenate(schedule))
+    ref_chosen, ref_rejected = torch.zeros(len(enc)), torch.zeros(len(enc))
+    prompts = [enc.prompt_ids[i] for i in used]
+    ref_chosen[used] = ctx.reference.sequence_logps_batched(prompts, [enc.chosen_ids[i] for i in used])
+    ref_rejected[used] = ctx.reference.sequence_logps_batched(prompts, [enc.rejected_ids[i] for i in used])
+    return ref_chosen, ref_rejected
+
+
+def implicit_reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """`rewards/*` training metrics of the implicit rewards β·(log π − log π_ref), each (B,)."""
+    margin = chosen_rewards - rejected_rewards
+    return {
+        "rewards/chosen": float(chosen_rewards.mean()),
+        "rewards/rejected": float(rejected_rewards.mean()),
+        "rewards/margin": float(margin.mean()),
+        "rewards/accuracy": float((margin > 0).float().mean()),
+    }
+
+
+def optim_metrics(opt: dict) -> dict:
+    """`optim/*` training metrics from what `ctx.optimize` returned."""
+    return {"optim/lr": opt.get("lr", float("nan")), "optim/grad_norm": opt.get("grad_norm", float("nan"))}
