@@ -150,7 +150,9 @@ def test_two_workers_with_zero2_train_like_one_worker(run_dir, tmp_path):
     # same env (cached), same global batches: rank-sharded data + ZeRO-2 gives the 1-worker losses
     _, _, cache = run_dir
     out = tmp_path / "out2"
-    proc = run_cli(out, ["algorithms=[{name: dpo, sweep: {beta: [0.5]}}]", "baseline=false", "scaling.num_workers=2",
+    algorithms = ("algorithms=[{name: dpo, sweep: {beta: [0.5]}}, "
+                  "{name: ppo, train: {steps: 4, eval_every: 2}, sweep: {kl_coef: [0.1]}}]")
+    proc = run_cli(out, [algorithms, "baseline=false", "scaling.num_workers=2",
                          "scaling.max_concurrent_trials=1", "deepspeed.zero_stage=2"], cache=cache, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "cached at" in proc.stderr
@@ -166,8 +168,12 @@ def test_two_workers_with_zero2_train_like_one_worker(run_dir, tmp_path):
     assert two_loss == pytest.approx(one_loss, abs=1e-4)
     assert two_norm == pytest.approx(one_norm, rel=1e-3)
     evals = pd.read_parquet(out / "evals.parquet")
-    final = evals[evals["final"] & (evals["temperature"] == 1.0)].iloc[0]
-    assert final["n_samples"] == 32 * 4  # both ranks' halves of the eval prompts were gathered
+    final = evals[evals["final"] & (evals["temperature"] == 1.0)]
+    assert (final["n_samples"] == 32 * 4).all()  # both ranks' halves of the eval prompts were gathered
+    # PPO on 2 ranks: policy + critic in one ZeRO-2 engine, the cached reward model, rank-averaged logs
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert trials.loc["ppo-kl_coef=0.1-seed0", "status"] == "ok", trials.loc["ppo-kl_coef=0.1-seed0", "reason"]
+    assert "Bradley-Terry" not in proc.stderr  # the reward model came from the cache
 
 
 @pytest.mark.slow
