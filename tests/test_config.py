@@ -78,13 +78,17 @@ def test_report_of_a_non_run_directory(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
 
 
+def _dpo_index() -> int:
+    return [a.name for a in load_suite(None).algorithms].index("dpo")
+
+
 def test_quick_suite_and_overrides_expand_to_the_sweep_grid():
-    suite = load_suite(None, ["seeds=[0, 1]", "algorithms.0.sweep.beta=[0.5, 1.0]"])
+    suite = load_suite(None, ["seeds=[0, 1]", f"algorithms.{_dpo_index()}.sweep.beta=[0.5, 1.0]"])
     trials = expand_trials(suite)
-    ids = [t.trial_id for t in trials]
-    assert ids[:6] == ["sft-seed0", "sft-seed1", "dpo-beta=0.5-seed0", "dpo-beta=0.5-seed1",
-                       "dpo-beta=1.0-seed0", "dpo-beta=1.0-seed1"]
-    dpo = trials[2]
+    ids = [t.trial_id for t in trials if t.algorithm in ("sft", "dpo")]
+    assert ids == ["sft-seed0", "sft-seed1", "dpo-beta=0.5-seed0", "dpo-beta=0.5-seed1",
+                   "dpo-beta=1.0-seed0", "dpo-beta=1.0-seed1"]
+    dpo = next(t for t in trials if t.algorithm == "dpo")
     assert dpo.knob == "beta" and dpo.knob_value == 0.5 and dpo.params == {"beta": 0.5}
     assert dpo.train["steps"] == suite.train.steps
 
@@ -117,7 +121,7 @@ def test_knob_override_and_reward_model_section():
 
 
 def test_per_algorithm_train_override_and_list_index_errors():
-    suite = load_suite(None, ["algorithms.0.train={steps: 7}"])
+    suite = load_suite(None, [f"algorithms.{_dpo_index()}.train={{steps: 7}}"])
     assert {t.train["steps"] for t in expand_trials(suite) if t.algorithm == "dpo"} == {7}
     with pytest.raises(ConfigError, match="no list item"):
         load_suite(None, ["algorithms.30.name=dpo"])
