@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("suite", nargs="?", help="suite YAML file (default: bench/suites/quick.yaml)")
     r.add_argument("--out", help="output directory (default: runs/<suite>-<time>); must not exist or be empty")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a suite key, e.g. --set train.steps=50 --set algorithms.0.sweep.beta=[0.5]")
+                   help="override a suite key, e.g. --set train.steps=50 --set algorithms.3.sweep.beta=[0.5]")
     r.add_argument("--address", help="Ray cluster address to join (default: start Ray embedded)")
     sub.add_parser("list", help="list the registered algorithms and envs")
     rep = sub.add_parser("report", help="rebuild OUT/report.md from OUT/*.parquet")
