@@ -13,10 +13,12 @@ import json
 import re
 import types
 import typing
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from algorithms import ALGORITHMS
@@ -41,7 +43,9 @@ class EnvSpec:
 class AlgorithmSpec:
     name: str = ""
     params: dict = field(default_factory=dict)  # fixed params_cls fields
-    sweep: dict = field(default_factory=dict)  # param → list of values; grid over all of them
+    sweep: dict = field(default_factory=dict)  # param → list of values (grid), or a distribution (random)
+    search: str = "grid"  # "grid": every combination of the sweep lists; "random": num_samples draws
+    num_samples: int = 1  # random search: points drawn (distinct ones kept), each run on every seed
     train: dict = field(default_factory=dict)  # overrides of the suite's train settings
     knob: str | None = None  # report this param as the frontier knob instead of the algorithm's own (e.g. target_kl)
 
@@ -284,8 +288,59 @@ def env_params(suite: SuiteConfig) -> Any:
     return params_from_dict(ENVS.get(suite.env.name).params_cls, suite.env.params)
 
 
+DISTRIBUTIONS = ("uniform", "loguniform", "randint")
+
+
+def sweep_points(spec: AlgorithmSpec, where: str) -> list[tuple]:
+    """The sweep's points, in order: the grid's combinations, or `num_samples` distinct random draws.
+
+    Random search draws from a generator seeded by the algorithm's name and sweep, so the same suite
+    gives the same points (and trial ids) on every run and machine. A sweep value is a list (drawn
+    uniformly) or one of {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} (inclusive);
+    floats are rounded to 4 significant digits so trial ids stay readable.
+    """
+    if spec.search not in ("grid", "random"):
+        raise ConfigError(f"{where}.search: must be 'grid' or 'random', got {spec.search!r}")
+    if spec.num_samples < 1:
+        raise ConfigError(f"{where}.num_samples: must be >= 1")
+    keys = list(spec.sweep)
+    if spec.search == "grid":
+        if spec.num_samples != 1:
+            raise ConfigError(f"{where}.num_samples: applies to search: random (a grid runs each point once)")
+        for key in keys:
+            values = spec.sweep[key]
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values (distributions need "
+                                  "search: random)")
+        return list(itertools.product(*(spec.sweep[k] for k in keys)))
+    rng = np.random.default_rng(zlib.crc32(json.dumps([spec.name, spec.sweep], sort_keys=True).encode()))
+    points: list[tuple] = []
+    for _ in range(spec.num_samples):
+        point = tuple(_draw(spec.sweep[k], rng, f"{where}.sweep.{k}") for k in keys)
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def _draw(dist: Any, rng, where: str) -> Any:
+    if isinstance(dist, list) and dist:
+        return dist[int(rng.integers(len(dist)))]
+    if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
+        raise ConfigError(f"{where}: expected a non-empty list or one of {{{'|'.join(DISTRIBUTIONS)}: [lo, hi]}}")
+    kind, bounds = next(iter(dist.items()))
+    ok = (isinstance(bounds, list) and len(bounds) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds) and bounds[0] <= bounds[1])
+    if not ok or (kind == "loguniform" and bounds[0] <= 0):
+        raise ConfigError(f"{where}.{kind}: expected [lo, hi] with lo <= hi" + (" and lo > 0" if kind == "loguniform" else ""))
+    lo, hi = bounds
+    if kind == "randint":
+        return int(rng.integers(int(lo), int(hi) + 1))
+    x = rng.uniform(lo, hi) if kind == "uniform" else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    return float(f"{x:.4g}")
+
+
 def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
-    """The sweep grid: algorithm × sweep point × seed (plus the SFT baseline per seed)."""
+    """The sweep: algorithm × sweep point (grid or random) × seed (plus the SFT baseline per seed)."""
     trials: list[TrialSpec] = []
     seen: set[str] = set()
     specs = [(f"algorithms[{i}]", spec) for i, spec in enumerate(suite.algorithms)]
@@ -299,11 +354,8 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
         train = build_dataclass(TrainSettings, {**dataclasses.asdict(suite.train), **spec.train}, f"{where}.train")
         if train.batch_size % suite.scaling.num_workers:
             raise ConfigError(f"{where}.train.batch_size: must be divisible by scaling.num_workers")
-        for key, values in spec.sweep.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values")
         keys = list(spec.sweep)
-        for point in itertools.product(*(spec.sweep[k] for k in keys)):
+        for point in sweep_points(spec, where):
             values = {**spec.params, **dict(zip(keys, point))}
             try:
                 params = params_from_dict(algo.params_cls, values)

@@ -125,3 +125,40 @@ def test_per_algorithm_train_override_and_list_index_errors():
     assert {t.train["steps"] for t in expand_trials(suite) if t.algorithm == "dpo"} == {7}
     with pytest.raises(ConfigError, match="no list item"):
         load_suite(None, ["algorithms.30.name=dpo"])
+
+
+def test_random_search_draws_reproducible_points_within_their_distributions():
+    algorithms = ("algorithms=[{name: dpo, search: random, num_samples: 6, sweep: {beta: {loguniform: [0.05, 5.0]}}},"
+                  " {name: ppo, search: random, num_samples: 4, sweep: {kl_coef: {uniform: [0.01, 0.5]},"
+                  " ppo_epochs: {randint: [1, 4]}}}]")
+    trials = expand_trials(load_suite(None, [algorithms, "seeds=[0, 1]"]))
+    again = expand_trials(load_suite(None, [algorithms, "seeds=[0, 1]"]))
+    assert [t.trial_id for t in trials] == [t.trial_id for t in again]  # same suite, same points
+    betas = sorted({t.knob_value for t in trials if t.algorithm == "dpo"})
+    assert len(betas) == 6 and all(0.05 <= b <= 5.0 for b in betas)
+    assert len({round(b, 3) for b in betas}) == 6  # spread over the range, not one value
+    ppo = [t for t in trials if t.algorithm == "ppo"]
+    assert len(ppo) == 4 * 2 and {t.seed for t in ppo} == {0, 1}
+    assert all(0.01 <= t.params["kl_coef"] <= 0.5 and t.params["ppo_epochs"] in (1, 2, 3, 4) for t in ppo)
+    # a list under random search is a uniform choice; repeated draws collapse to distinct points
+    choice = expand_trials(load_suite(None, ["algorithms=[{name: dpo, search: random, num_samples: 20,"
+                                             " sweep: {beta: [0.5, 1.0]}}]"]))
+    assert sorted(t.knob_value for t in choice if t.algorithm == "dpo") == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "algorithms, message",
+    [
+        ("[{name: dpo, search: random, sweep: {beta: {loguniform: [0, 5]}}}]",
+         "algorithms[0].sweep.beta.loguniform: expected [lo, hi] with lo <= hi and lo > 0"),
+        ("[{name: dpo, sweep: {beta: {uniform: [0.1, 5]}}}]", "distributions need search: random"),
+        ("[{name: dpo, search: bayes}]", "algorithms[0].search: must be 'grid' or 'random'"),
+        ("[{name: dpo, num_samples: 3, sweep: {beta: [1.0]}}]", "num_samples: applies to search: random"),
+        ("[{name: dpo, search: random, sweep: {beta: {normal: [1, 2]}}}]", "one of {uniform|loguniform|randint"),
+        ("[{name: dpo, search: random, sweep: {beta: {uniform: [-1, 0]}}}]", "algorithms[0].sweep.beta: must be > 0"),
+    ],
+)
+def test_bad_random_search_is_one_config_error(algorithms, message):
+    with pytest.raises(ConfigError) as err:
+        load_suite(None, [f"algorithms={algorithms}"])
+    assert message in str(err.value)
