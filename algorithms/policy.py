@@ -61,6 +61,34 @@ class Sampler(Protocol):
     ) -> Rollout: ...
 
 
+def right_padded(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + completion per row, right-padded: (input_ids, attention_mask), both (B, L)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return input_ids, attention_mask
+
+
+def completion_span(
+    values: torch.Tensor, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completion tokens' columns of per-position `values` (B, W), left-aligned: (values, mask), (B, Tc).
+
+    Column len(prompt) − 1 + t belongs to completion token t: the position that predicts it (log-probs)
+    or the state just before it (values). mask is 1 on real completion tokens, 0 on padding.
+    """
+    dev = values.device
+    c_len = torch.tensor([len(c) for c in completion_ids], device=dev)
+    start = torch.tensor([len(p) - 1 for p in prompt_ids], device=dev)
+    t = torch.arange(int(c_len.max()), device=dev)
+    idx = (start[:, None] + t[None, :]).clamp(max=values.shape[1] - 1)
+    mask = (t[None, :] < c_len[:, None]).to(values.dtype)
+    return torch.gather(values, 1, idx) * mask, mask
+
+
 class Policy:
     """A causal LM + tokenizer with generation and teacher-forced log-probs.
 
@@ -234,24 +262,13 @@ class Policy:
             raise ValueError("log-probs need a temperature > 0 (temperature 0 is greedy decoding)")
         if len(prompt_ids) != len(completion_ids):
             raise ValueError("prompt_ids and completion_ids differ in length")
-        pad = self.tokenizer.pad_token_id
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        width = max(len(s) for s in seqs)
-        dev = self.device
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)  # (B, L)
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+        input_ids, attention_mask = right_padded(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.device)
         forward = self.engine if self.engine is not None else self.model
         logits = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = logits[:, :-1].float() / temperature  # (B, L-1, V): position i predicts token i+1
         targets = input_ids[:, 1:]  # (B, L-1)
         all_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-        # gather the completion span of each row, left-aligned: (B, Tc)
-        c_len = torch.tensor([len(c) for c in completion_ids], device=dev)
-        start = torch.tensor([len(p) - 1 for p in prompt_ids], device=dev)  # predicts first completion token
-        t = torch.arange(int(c_len.max()), device=dev)
-        idx = (start[:, None] + t[None, :]).clamp(max=all_logps.shape[1] - 1)
-        mask = (t[None, :] < c_len[:, None]).to(all_logps.dtype)
-        return torch.gather(all_logps, 1, idx) * mask, mask
+        return completion_span(all_logps, prompt_ids, completion_ids)
 
     def sequence_logps(
         self,

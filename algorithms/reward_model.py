@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.interface import TrainSettings, check, rank_batch
+from algorithms.policy import completion_span, right_padded
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -135,13 +136,8 @@ class ScalarModel:
         return next(self.head.parameters()).device
 
     # ------------------------------------------------------------------------------ scoring
-    def _forward(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]):
-        pad = self.tokenizer.pad_token_id
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        width = max(len(s) for s in seqs)
-        dev = self.device
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)  # (B, L) right-padded
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+    def _forward(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        input_ids, attention_mask = right_padded(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.device)
         forward = self.engine if self.engine is not None else self.head
         return forward(input_ids=input_ids, attention_mask=attention_mask)  # (B, L)
 
@@ -155,14 +151,7 @@ class ScalarModel:
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """V(x, y_<t) for every completion token t, aligned with `Policy.token_logps`: (values, mask), (B, Tc)."""
-        scores = self._forward(prompt_ids, completion_ids)  # (B, L)
-        dev = scores.device
-        c_len = torch.tensor([len(c) for c in completion_ids], device=dev)
-        start = torch.tensor([len(p) - 1 for p in prompt_ids], device=dev)  # state before the first completion token
-        t = torch.arange(int(c_len.max()), device=dev)
-        idx = (start[:, None] + t[None, :]).clamp(max=scores.shape[1] - 1)
-        mask = (t[None, :] < c_len[:, None]).to(scores.dtype)
-        return torch.gather(scores, 1, idx) * mask, mask
+        return completion_span(self._forward(prompt_ids, completion_ids), prompt_ids, completion_ids)
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         tok = self.tokenizer

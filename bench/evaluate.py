@@ -40,6 +40,11 @@ class EvalSet:
     gold: Callable[[list[str], list[str]], np.ndarray]
 
 
+def win_indicator(gold: np.ndarray, reference_gold: np.ndarray) -> np.ndarray:
+    """1 where a completion beats the reference completion by gold reward, ½ on a tie, else 0."""
+    return np.where(gold > reference_gold, 1.0, np.where(gold == reference_gold, 0.5, 0.0))
+
+
 def clustered_mean_se(values: np.ndarray, cluster: np.ndarray) -> tuple[float, float]:
     """Mean of `values` and its standard error with samples clustered (e.g. by prompt)."""
     values = np.asarray(values, dtype=np.float64)
@@ -137,7 +142,7 @@ def sample_stats(
     stats = {
         "prompt": prompt,
         "gold": gold,
-        "win": np.where(gold > ref_gold, 1.0, np.where(gold == ref_gold, 0.5, 0.0)),
+        "win": win_indicator(gold, ref_gold),
         "length": roll.lengths.astype(np.float64),
         "k1": np.full(n, np.nan),
         "k3": np.full(n, np.nan),
@@ -178,7 +183,7 @@ def best_of_n_stats(
     P, N = proxy.shape
     gold = np.asarray(evalset.gold(roll.prompts, roll.completions), dtype=np.float64).reshape(P, N)
     ref_gold = evalset.reference_gold[subset][:, None]
-    win = np.where(gold > ref_gold, 1.0, np.where(gold == ref_gold, 0.5, 0.0))
+    win = win_indicator(gold, ref_gold)
     length = roll.lengths.astype(np.float64).reshape(P, N)
     out = {}
     for n in sampler.ns:
