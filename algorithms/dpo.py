@@ -62,7 +62,7 @@ class DPO:
         ref_chosen, ref_rejected = reference_logps(ctx, enc, schedule)
 
         policy.model.train()
-        for step in range(ctx.train.steps):
+        for step in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = schedule[step]

@@ -14,14 +14,15 @@ An algorithm is an object with these members (a Protocol: no base class, no inhe
   per optimizer step, `ctx.log(step, metrics)` for training curves (scalar metrics, averaged over
   ranks), and `ctx.evaluate(sampler, step)` at every `ctx.should_evaluate(step)` and once with
   `final=True` at the end. Every rank makes the same calls in the same order (they synchronise the
-  ranks). It returns an optional dict of summary metrics for the trial row.
+  ranks). It returns an optional dict of summary metrics for the trial row. A trial restarted from
+  a checkpoint gets `ctx.start_step` > 0 and its saved `ctx.state`: the loop starts there.
 
 Units: log-probs and KL in nats per sequence; rewards are floats per completion.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -102,6 +103,12 @@ class TrainContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    # resuming: optimizer steps already taken (policy, optimizer and schedule restored by bench);
+    # a training loop runs `for step in range(ctx.start_step, ctx.train.steps)`
+    start_step: int = 0
+    # the algorithm's own state across steps (JSON-serialisable scalars, e.g. an adaptive KL
+    # coefficient): bench saves it with every checkpoint and hands it back on resume
+    state: dict = field(default_factory=dict)
 
     def should_evaluate(self, step: int) -> bool:
         return step % self.train.eval_every == 0 and step < self.train.steps

@@ -75,7 +75,7 @@ class IPO:
             ref_chosen, ref_rejected = ref_chosen / chosen_len, ref_rejected / rejected_len
 
         policy.model.train()
-        for step in range(ctx.train.steps):
+        for step in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = schedule[step]

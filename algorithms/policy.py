@@ -16,6 +16,7 @@ Every algorithm trains a `Policy` against a frozen reference `Policy`, and the o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,11 @@ class Policy:
 
     `model` is any `transformers` causal LM (e.g. GPT2LMHeadModel); `tokenizer` a fast tokenizer
     with `eos_token_id` and `pad_token_id` set. When bench wraps the model in a DeepSpeed engine it
-    sets `policy.engine`; training forward passes then go through the engine, generation through
-    the bare module.
+    sets `policy.engine`; training forward passes (with grad) then go through the engine,
+    generation and no-grad scoring through the bare module. `gathered()` is a context manager under
+    which the whole model is materialised on this rank: a no-op, except under ZeRO-3 where bench
+    sets it to gather the parameter shards once (generation then runs without per-layer
+    collectives, so ranks may generate different numbers of tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, frozen: bool = False):
@@ -106,6 +110,7 @@ class Policy:
         self.model = model
         self.tokenizer = tokenizer
         self.engine = None  # a deepspeed.DeepSpeedEngine wrapping `model`, set by bench
+        self.gathered = contextlib.nullcontext  # () -> context with every parameter whole (ZeRO-3: set by bench)
         self.frozen = False
         if frozen:
             self.freeze()
@@ -178,7 +183,7 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=self._rng_devices()):
+            with self.gathered(), torch.random.fork_rng(devices=self._rng_devices()):
                 torch.manual_seed(seed)
                 for start in range(0, len(flat_prompt_ids), batch_size):
                     batch = flat_prompt_ids[start : start + batch_size]
@@ -263,7 +268,7 @@ class Policy:
         if len(prompt_ids) != len(completion_ids):
             raise ValueError("prompt_ids and completion_ids differ in length")
         input_ids, attention_mask = right_padded(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.device)
-        forward = self.engine if self.engine is not None else self.model
+        forward = self.engine if self.engine is not None and torch.is_grad_enabled() else self.model
         logits = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = logits[:, :-1].float() / temperature  # (B, L-1, V): position i predicts token i+1
         targets = input_ids[:, 1:]  # (B, L-1)

@@ -181,11 +181,11 @@ class PPO:
         prompts = ctx.data.train_prompts
         if not prompts:
             raise ValueError(f"{self.name} needs train prompts; the env produced none")
-        kl_ctl = AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
-        kl_coef = p.kl_coef
+        kl_coef = ctx.state.get("kl_coef", p.kl_coef)  # a resumed trial carries on with its adapted value
+        kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
         T = p.rollout_temperature
 
-        for it in range(ctx.train.steps):
+        for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
                 ctx.evaluate(policy, it)
             # ---- rollout: one completion per prompt of this rank's slice
@@ -261,7 +261,7 @@ class PPO:
             })
             if kl_ctl is not None:  # every rank moves kl_coef by the same, all-rank KL
                 kl_ctl.update(ctx.mean_over_ranks({"kl": mean_kl})["kl"], n * ctx.world_size)
-                kl_coef = kl_ctl.value
+                kl_coef = ctx.state["kl_coef"] = kl_ctl.value
         ctx.evaluate(policy, ctx.train.steps, final=True)
         return {"final_kl_coef": kl_coef}
 

@@ -46,7 +46,7 @@ class PreferredFT:
         chosen_ids = policy.encode_completions(examples["chosen"].tolist())
 
         policy.model.train()
-        for step in range(ctx.train.steps):
+        for step in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = ctx.batch_indices(step, len(examples))

@@ -16,6 +16,7 @@ their pairs) are never trained on and give the held-out pair accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ class ScalarModel:
 
     Prompts are encoded with special tokens and completions get an EOS appended, exactly as
     `Policy` encodes preference pairs. When bench wraps the head in a DeepSpeed engine it sets
-    `engine`; training forwards then go through it.
+    `engine`; training forwards (with grad) then go through it. `gathered` as in `Policy`.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer):
@@ -91,6 +92,7 @@ class ScalarModel:
         self.head = ScalarHead(model)
         self.tokenizer = tokenizer
         self.engine = None
+        self.gathered = contextlib.nullcontext  # () -> context with every parameter whole (ZeRO-3: set by bench)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, zero_head: bool = False) -> "ScalarModel":
@@ -138,7 +140,7 @@ class ScalarModel:
     # ------------------------------------------------------------------------------ scoring
     def _forward(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         input_ids, attention_mask = right_padded(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.device)
-        forward = self.engine if self.engine is not None else self.head
+        forward = self.engine if self.engine is not None and torch.is_grad_enabled() else self.head
         return forward(input_ids=input_ids, attention_mask=attention_mask)  # (B, L)
 
     def sequence_scores(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:

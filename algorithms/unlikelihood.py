@@ -79,7 +79,7 @@ class Unlikelihood:
         enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
 
         policy.model.train()
-        for step in range(ctx.train.steps):
+        for step in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = ctx.batch_indices(step, len(enc))

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a suite key, e.g. --set train.steps=50 --set algorithms.3.sweep.beta=[0.5]")
     r.add_argument("--address", help="Ray cluster address to join (default: start Ray embedded)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --out (same suite and --set): finished trials are kept, "
+                        "the others restart from their last checkpoint")
     sub.add_parser("list", help="list the registered algorithms and envs")
     rep = sub.add_parser("report", help="rebuild OUT/report.md from OUT/*.parquet")
     rep.add_argument("out", help="a run's output directory")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             from bench.run import run
 
-            _, failed = run(args.suite, args.overrides, args.out, args.address)
+            _, failed = run(args.suite, args.overrides, args.out, args.address, resume=args.resume)
             if failed:
                 return 1  # results are written; trials.parquet says which trials failed and why
     except (ConfigError, UserError) as e:

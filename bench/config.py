@@ -72,28 +72,47 @@ class EvalSettings:
 
 @dataclass
 class ScalingSettings:
-    num_workers: int = 1  # Ray Train workers per trial (data-parallel ranks)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_concurrent_trials: int = 2  # Tune trials at once
+    num_workers: int = 1  # Ray Train workers per trial and per shared stage (data-parallel ranks)
+    use_gpu: bool = False  # one GPU per worker (CUDA + nccl); nothing in algorithms/ changes
+    resources_per_worker: dict = field(default_factory=lambda: {"CPU": 1.0})  # Ray resources of each worker
+    max_concurrent_trials: int = 2  # Tune trials at once (each also holds 1 CPU for its driver)
+    max_failures: int = 1  # times a trial whose worker died is restarted from its last checkpoint
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ParamError("num_workers", "must be >= 1")
-        if self.cpus_per_worker <= 0:
-            raise ParamError("cpus_per_worker", "must be > 0")
+        for name, amount in self.resources_per_worker.items():
+            if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                raise ParamError("resources_per_worker", f"expected resource name -> amount >= 0, got {name!r}: {amount!r}")
+        if self.use_gpu and self.resources_per_worker.get("GPU", 1) <= 0:
+            raise ParamError("resources_per_worker", "use_gpu needs GPU > 0 per worker")
         if self.max_concurrent_trials < 1:
             raise ParamError("max_concurrent_trials", "must be >= 1")
+        if self.max_failures < 0:
+            raise ParamError("max_failures", "must be >= 0")
+
+    def worker_resources(self) -> dict:
+        """Ray resources of one worker: resources_per_worker, plus 1 GPU when use_gpu and none is named."""
+        res = {"CPU": 1.0, **{k: float(v) for k, v in self.resources_per_worker.items()}}
+        if self.use_gpu:
+            res.setdefault("GPU", 1.0)
+        return res
 
 
 @dataclass
 class DeepSpeedSettings:
-    zero_stage: int = 0  # 0-3
-    bf16: bool = False
+    zero_stage: int = 0  # 0-3: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    bf16: bool = False  # bf16 weights and compute, fp32 master copy in the optimizer
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (ZeRO >= 1)
+    offload_param: bool = False  # ZeRO-Infinity: parameters live on the CPU between uses (ZeRO-3)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ParamError("zero_stage", "must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ParamError("offload_optimizer", "needs zero_stage >= 1")
+        if self.offload_param and self.zero_stage != 3:
+            raise ParamError("offload_param", "needs zero_stage 3")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from algorithms import ALGORITHMS
 from bench import say, worker
-from bench.config import SuiteConfig, TrialSpec
+from bench.config import ScalingSettings, SuiteConfig, TrialSpec
 
 QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -38,7 +38,7 @@ QUIET_ENV = {
 def logical_cpus(suite: SuiteConfig) -> int:
     """Enough logical CPUs that `max_concurrent_trials` trials (1 CPU for the Tune driver + workers) fit."""
     s = suite.scaling
-    per_trial = 1 + s.num_workers * s.cpus_per_worker
+    per_trial = 1 + s.num_workers * s.worker_resources()["CPU"]
     return max(os.cpu_count() or 1, math.ceil(s.max_concurrent_trials * per_trial))
 
 
@@ -66,21 +66,33 @@ def _threads(suite: SuiteConfig, concurrent: int) -> int:
     return max(1, (os.cpu_count() or 1) // (concurrent * suite.scaling.num_workers))
 
 
-def _scaling(suite: SuiteConfig) -> ScalingConfig:
-    s = suite.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+def _scaling(scaling: ScalingSettings) -> ScalingConfig:
+    return ScalingConfig(
+        num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=scaling.worker_resources()
+    )
+
+
+def _report(metrics: dict, checkpoint: str | None = None) -> None:
+    """`report` for bench.worker: metrics, and a local checkpoint directory that Ray persists."""
+    ray_train.report(metrics, checkpoint=ray_train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
+def _tune_report(metrics: dict, checkpoint: str | None = None) -> None:
+    assert checkpoint is None, "trials run in the Tune process train no policy and save no checkpoint"
+    tune.report(metrics)
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 # ------------------------------------------------------------------------- shared stages
 def _env_loop(payload: dict) -> None:
-    worker.run_env_stage(payload, report=ray_train.report)
+    worker.run_env_stage(payload, report=_report)
 
 
 def _rm_loop(payload: dict) -> None:
-    worker.run_rm_stage(payload, report=ray_train.report)
+    worker.run_rm_stage(payload, report=_report)
 
 
 def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: Path) -> None:
@@ -88,7 +100,7 @@ def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: Path
     trainer = TorchTrainer(
         loop,
         train_loop_config={**payload, "threads": _threads(suite, 1)},
-        scaling_config=_scaling(suite),
+        scaling_config=_scaling(suite.scaling),
         run_config=ray_train.RunConfig(
             name=f"{name}-{int(time.time())}", storage_path=str(storage),
             worker_runtime_env={"env_vars": QUIET_ENV},
@@ -111,7 +123,15 @@ def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path,
 
 # ---------------------------------------------------------------------------------- sweep
 def _trial_loop(payload: dict) -> None:
-    worker.run_trial(payload, report=ray_train.report)
+    """A Train worker of a trial: resume from the run's latest checkpoint when there is one (a
+    worker restarted by FailureConfig, or `prefbench run --resume`)."""
+    payload = {**payload, "node_id": _node_id()}
+    checkpoint = ray_train.get_checkpoint()
+    if checkpoint is None:
+        worker.run_trial(payload, report=_report)
+        return
+    with checkpoint.as_directory() as path:
+        worker.run_trial({**payload, "resume_from": path}, report=_report)
 
 
 def _trial_driver(config: dict, static: dict) -> None:
@@ -123,19 +143,21 @@ def _trial_driver(config: dict, static: dict) -> None:
         "trial_dir": str(Path(static["out"]) / "trials" / spec["trial_id"]), "threads": static["threads"],
     }
     if not ALGORITHMS.get(spec["algorithm"]).trains_policy:
-        worker.run_trial(payload, report=tune.report)
+        worker.run_trial({**payload, "node_id": _node_id()}, report=_tune_report)
         return
-    s = static["scaling"]
-    resources = {"CPU": s["cpus_per_worker"], **({"GPU": 1} if s["use_gpu"] else {})}
+    scaling = ScalingSettings(**static["scaling"])
     trainer = TorchTrainer(
         _trial_loop,
         train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=s["use_gpu"], resources_per_worker=resources),
+        scaling_config=_scaling(scaling),
         run_config=ray_train.RunConfig(
-            name=f"{spec['trial_id']}-{tune.get_context().get_trial_id()}",
+            # a stable name: a rerun (--resume) finds this trial's checkpoints in the same storage
+            name=f"trial-{spec['trial_id']}",
             storage_path=static["storage"],
             callbacks=[TuneReportCallback()],
             worker_runtime_env={"env_vars": QUIET_ENV},
+            failure_config=ray_train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray_train.CheckpointConfig(num_to_keep=1),
         ),
     )
     trainer.fit()
@@ -158,6 +180,9 @@ class Progress(tune.Callback):
         say(f"[prefbench] start {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "resumed_from" in result:
+            say(f"[prefbench]   {self._name(trial)} resumed from its checkpoint at step {int(result['resumed_from'])}")
+            return
         if "gold_reward" not in result:
             return
         kl = result.get("kl", float("nan"))
@@ -181,7 +206,7 @@ class Progress(tune.Callback):
 
 def run_sweep(
     suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path],
-    rm_dirs: dict[int, Path], out: Path,
+    rm_dirs: dict[int, Path], out: Path, name: str = "sweep",
 ) -> dict[str, str | None]:
     """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded)."""
     import dataclasses
@@ -206,7 +231,7 @@ def run_sweep(
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
         ),
         run_config=tune.RunConfig(
-            name="sweep", storage_path=str(storage), verbose=0, callbacks=[Progress(len(trials))],
+            name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(len(trials))],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

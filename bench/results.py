@@ -17,7 +17,7 @@ EVAL_COLUMNS = [
 ]
 TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",
-    "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy",
+    "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy", "nodes", "resumed_from",
 ]
 
 
@@ -48,6 +48,8 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
             "n_evals": len(rows), "train_time_s": summary.get("train_time_s"),
             "eval_time_s": summary.get("eval_time_s"), "wall_time_s": summary.get("wall_time_s"),
             "rm_accuracy": summary.get("rm/heldout_accuracy"),  # held-out pair accuracy of the RM it used
+            "nodes": summary.get("nodes", ""),  # Ray node ids its workers ran on, comma-separated
+            "resumed_from": summary.get("resumed_from"),  # the checkpoint step it was resumed from, if any
         })
     evals = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame(columns=EVAL_COLUMNS)
     evals = evals[EVAL_COLUMNS + [c for c in evals.columns if c not in EVAL_COLUMNS]]

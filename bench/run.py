@@ -133,13 +133,25 @@ def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
         raise UserError(f"{where} has no train prompts; check env.params")
 
 
-def run(suite_path: str | None, overrides: list[str], out: str | None, address: str | None) -> tuple[Path, int]:
-    """Run a suite; returns (OUT, number of failed trials). A UserError leaves no OUT behind."""
+def run(
+    suite_path: str | None, overrides: list[str], out: str | None, address: str | None, resume: bool = False
+) -> tuple[Path, int]:
+    """Run a suite; returns (OUT, number of failed trials). A UserError leaves no OUT behind.
+
+    With `resume`, OUT is a run of the same suite that was stopped: trials that finished are kept
+    as they are, the others run again, each from its last checkpoint where it saved one.
+    """
     suite = load_suite(suite_path, overrides)  # ConfigError before anything starts
     trials = expand_trials(suite)
     out_dir = Path(out) if out else default_out(suite)
+    if resume:
+        if out is None:
+            raise UserError("--resume needs --out: the directory of the run to continue")
+        _check_resumable(out_dir, suite)
+        return out_dir, _run(suite, trials, out_dir, address, resume=True)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"--out {out_dir}: already exists and is not an empty directory")
+        hint = "; add --resume to continue it" if (out_dir / "config.yaml").is_file() else ""
+        raise UserError(f"--out {out_dir}: already exists and is not an empty directory{hint}")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -153,7 +165,21 @@ def run(suite_path: str | None, overrides: list[str], out: str | None, address: 
         raise
 
 
-def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -> int:
+def _check_resumable(out_dir: Path, suite: SuiteConfig) -> None:
+    saved = out_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume: {out_dir} holds no prefbench run (no config.yaml)")
+    if saved.read_text() != to_yaml(suite):
+        raise UserError(f"--resume: the suite and --set values differ from those of the run in {out_dir} "
+                        "(see its config.yaml); resume with the same ones")
+
+
+def finished_trials(out_dir: Path, trials: list) -> set[str]:
+    """Trials whose summary.json exists: written last, atomically, by a trial that completed."""
+    return {t.trial_id for t in trials if (out_dir / "trials" / t.trial_id / "summary.json").is_file()}
+
+
+def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, resume: bool = False) -> int:
     from algorithms import ALGORITHMS
     from bench import ray_runner, report, results
     from bench.worker import _quiet
@@ -161,24 +187,38 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None) -
     _quiet()
     suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
     t0 = time.time()
-    say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
-    ray_runner.start_ray(suite, address)
-    try:
-        storage = (out_dir / "ray").resolve()
-        env_dirs, rm_dirs = {}, {}
-        needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in trials)
-        for seed in suite.seeds:
-            env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage)
-            check_env_data(suite, seed, env_dirs[seed])
-            if needs_rm:
-                rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage)
-        status = ray_runner.run_sweep(suite, suite_dict, trials, env_dirs, rm_dirs, out_dir)
-    finally:
-        ray_runner.stop_ray()
-    (out_dir / "config.yaml").write_text(to_yaml(suite))
+    done = finished_trials(out_dir, trials) if resume else set()
+    todo = [t for t in trials if t.trial_id not in done]
+    if resume:
+        say(f"[prefbench] resuming {out_dir}: {len(done)} of {len(trials)} trials finished, {len(todo)} to run")
+    else:
+        say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
+        _write_text_atomic(out_dir / "config.yaml", to_yaml(suite))  # written first: it marks a prefbench run
+    status: dict[str, str | None] = {t: None for t in done}
+    if todo:
+        ray_runner.start_ray(suite, address)
+        try:
+            storage = (out_dir / "ray").resolve()
+            env_dirs, rm_dirs = {}, {}
+            needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in todo)
+            for seed in sorted({t.seed for t in todo}):
+                env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage)
+                check_env_data(suite, seed, env_dirs[seed])
+                if needs_rm:
+                    rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage)
+            name = f"sweep-resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else "sweep"
+            status.update(ray_runner.run_sweep(suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, name=name))
+        finally:
+            ray_runner.stop_ray()
     (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
     evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
     path = report.write_report(out_dir)
     failed = int((trials_df["status"] != "ok").sum())
     say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
     return failed
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

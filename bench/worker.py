@@ -9,6 +9,7 @@ One DeepSpeed engine per process: every Ray Train worker is a fresh actor proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ from bench.evaluate import EvalSet, best_of_n_stats, concat_stats, sample_stats,
 from envs import ENVS
 from envs.base import load_env_data
 
-Report = Callable[[dict], None]
+Report = Callable[..., None]  # report(metrics, checkpoint=None): checkpoint is a local directory to persist
 REFERENCE_EVAL_FORMAT = 2  # part of the cache key of reference evaluations: bump when the evaluator changes
 
 
@@ -77,11 +78,18 @@ def single_process_dist_env() -> None:
 
 def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: int) -> dict:
     """The DeepSpeed config of a stage: one micro-batch per rank per step, no accumulation."""
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
     config = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
+        # our optimizer is a client torch AdamW (DeepSpeed's CPU Adam would JIT-compile C++)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": ds.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -101,6 +109,37 @@ class JointModule(torch.nn.Module):
 
     def forward(self, part: str, **kwargs):
         return self.parts[part](**kwargs)
+
+
+class ZeroGathered:
+    """`gathered()` for ZeRO-3 trainables: inside it every parameter of the engine's module is whole
+    on every rank and DeepSpeed's per-layer fetch hooks are off (DeepSpeed's own
+    `unwrap_model_for_generation`), so generation and scoring run without per-layer collectives.
+    Entering gathers (a collective: every rank enters together); re-entrant."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.depth = 0
+        self._context = None
+
+    def __call__(self) -> "ZeroGathered":
+        return self
+
+    def __enter__(self):
+        if self.depth == 0:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            self._context = unwrap_model_for_generation(self.engine)
+            self._context.__enter__()
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+        return False
 
 
 def wrap_with_deepspeed(
@@ -125,8 +164,11 @@ def wrap_with_deepspeed(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, ds, world_size),
     )
+    gathered = ZeroGathered(engine) if ds.zero_stage == 3 else None
     for i, obj in enumerate(trainables):
         obj.engine = engine if len(modules) == 1 else functools.partial(engine, str(i))
+        if gathered is not None:
+            obj.gathered = gathered
 
     def optimize(loss: torch.Tensor) -> dict:
         lr = engine.get_lr()[0]
@@ -140,7 +182,16 @@ def wrap_with_deepspeed(
             norm = engine.get_global_grad_norm()
         return {"lr": float(lr), "grad_norm": float(norm) if norm is not None else float("nan")}
 
+    optimize.engine = engine  # for checkpoints (save_checkpoint / load_checkpoint)
     return optimize
+
+
+def save_hf(obj, path: Path, rank: int) -> None:
+    """Save a Policy / ScalarModel in Hugging Face format from rank 0; under ZeRO-3 every rank takes
+    part in gathering the shards first, so the files hold the whole, consolidated model."""
+    with obj.gathered():
+        if rank == 0:
+            obj.save_pretrained(path)
 
 
 def _all_gather(obj, world: int) -> list:
@@ -194,11 +245,12 @@ def run_env_stage(payload: dict, report: Report) -> None:
             policy, corpus, train, optimize, seed=seed, rank=rank, world_size=world,
             log=lambda step, m: report({"stage": "sft", "step": step, "total_steps": train.steps, **m}),
         )
-    if rank == 0:
-        policy.model.eval()
-        policy.save_pretrained(workdir / "sft")
-        env.finish(policy, params, seed, workdir)
-        (workdir / "sft_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+    policy.model.eval()
+    with policy.gathered():  # ZeRO-3: the whole SFT model on every rank; rank 0 saves and samples pairs
+        if rank == 0:
+            policy.save_pretrained(workdir / "sft")
+            env.finish(policy, params, seed, workdir)
+            (workdir / "sft_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
     _barrier(world)
     report({"stage": "env", "done": 1})
 
@@ -220,8 +272,8 @@ def run_rm_stage(payload: dict, report: Report) -> None:
         log=lambda step, m: report({"stage": "reward_model", "step": step, "total_steps": settings.steps,
                                     **_mean_over_ranks(m, world)}),
     )
+    save_hf(rm, rm_dir / "model", rank)
     if rank == 0:
-        rm.save_pretrained(rm_dir / "model")
         (rm_dir / "metrics.json").write_text(json.dumps({**metrics, "rm/train_time_s": round(time.time() - t0, 1)}))
     _barrier(world)
     report({"stage": "reward_model", "done": 1})
@@ -271,10 +323,13 @@ def run_trial(payload: dict, report: Report) -> None:
             trainables.append(critic)
         optimize = wrap_with_deepspeed(trainables, train, suite.deepspeed, world)
 
-    eval_time = 0.0
     rows_path = trial_dir / "evals.jsonl"
     log_path = trial_dir / "train_log.jsonl"
-    if rank == 0:  # a restarted trial starts its rows afresh
+    resume = load_checkpoint(payload.get("resume_from"), optimize, trial_dir, rank, world) if optimize else None
+    eval_time = resume["eval_time_s"] if resume else 0.0
+    if resume:  # wall and eval time carry on from the run that saved the checkpoint
+        t_start -= resume["wall_time_s"]
+    if rank == 0 and resume is None:  # a trial restarted from scratch starts its rows afresh
         rows_path.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
     meta = {
@@ -316,20 +371,23 @@ def run_trial(payload: dict, report: Report) -> None:
 
     def evaluate(sampler, step: int, *, final: bool = False) -> dict:
         nonlocal eval_time
+        if resume and not final and step == resume["step"]:
+            return resume["last_eval"]  # evaluated (and its rows kept) before the checkpoint we resumed from
         t0 = time.time()
         temps = ev.temperatures if final else [1.0]
         rows = []
-        for temperature in temps:
-            seed = 1_000_003 * spec.seed + int(round(temperature * 1000))
-            if hasattr(sampler, "sample_groups"):  # best-of-n: every n from one set of samples
-                per_n = best_of_n_stats(sampler, evalset, temperature=temperature, max_new_tokens=ev.max_new_tokens,
-                                        seed=seed, prompt_subset=my_prompts)
-                for n, stats in per_n.items():
-                    parts = _all_gather(stats, world)
-                    rows.append({"knob_value": float(n), **summarize(concat_stats(parts), temperature=temperature)})
-                continue
-            untouched = sampler is reference or (sampler is policy and not stepped)
-            rows.append(reference_row(temperature, seed) if untouched else measure(sampler, temperature, seed))
+        with (sampler.gathered() if sampler is policy else contextlib.nullcontext()):
+            for temperature in temps:
+                seed = 1_000_003 * spec.seed + int(round(temperature * 1000))
+                if hasattr(sampler, "sample_groups"):  # best-of-n: every n from one set of samples
+                    per_n = best_of_n_stats(sampler, evalset, temperature=temperature, max_new_tokens=ev.max_new_tokens,
+                                            seed=seed, prompt_subset=my_prompts)
+                    for n, stats in per_n.items():
+                        parts = _all_gather(stats, world)
+                        rows.append({"knob_value": float(n), **summarize(concat_stats(parts), temperature=temperature)})
+                    continue
+                untouched = sampler is reference or (sampler is policy and not stepped)
+                rows.append(reference_row(temperature, seed) if untouched else measure(sampler, temperature, seed))
         eval_time += time.time() - t0
         wall = time.time() - t_start
         at_t1 = ([r for r in rows if r["temperature"] == 1.0] or rows)[-1]  # best-of-n: its largest n
@@ -338,10 +396,18 @@ def run_trial(payload: dict, report: Report) -> None:
                 for r in rows:
                     f.write(json.dumps({**meta, "step": step, **r, "final": final,
                                         "train_time_s": wall - eval_time, "wall_time_s": wall}) + "\n")
-        report({
+        metrics = {
             "trial_id": spec.trial_id, "step": step, "final": int(final),
             "gold_reward": at_t1["gold_reward"], "kl": at_t1["kl"], "win_rate": at_t1["win_rate"],
-        })
+        }
+        if optimize is not None and not final and step > 0:  # a restart point: DeepSpeed state + our files
+            state = {"step": step, "algorithm_state": ctx.state, "last_eval": at_t1, "eval_time_s": eval_time,
+                     "wall_time_s": time.time() - t_start}
+            with checkpoint_dir(trial_dir, rank, step) as ckpt:
+                save_checkpoint(ckpt, optimize, state, rows_path, log_path, rank)
+                report(metrics, checkpoint=ckpt)
+        else:
+            report(metrics)
         return at_t1
 
     def log(step: int, metrics: dict) -> None:
@@ -350,7 +416,8 @@ def run_trial(payload: dict, report: Report) -> None:
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    stepped = False  # until the first optimizer step the policy is the reference, weight for weight
+    # until the first optimizer step the policy is the reference, weight for weight
+    stepped = bool(resume and resume["step"] > 0)
 
     def step_policy(loss: torch.Tensor) -> dict:
         nonlocal stepped
@@ -363,16 +430,86 @@ def run_trial(payload: dict, report: Report) -> None:
         gold=env.gold if "gold" in algo.needs else None, reward_model=reward_model, critic=critic,
         seed=spec.seed, rank=rank, world_size=world, max_new_tokens=ev.max_new_tokens,
         mean_over_ranks=lambda m: _mean_over_ranks(m, world),
+        start_step=resume["step"] if resume else 0, state=dict(resume["algorithm_state"]) if resume else {},
     )
+    if resume:
+        report({"trial_id": spec.trial_id, "resumed_from": resume["step"]})
     summary = algo.train(ctx) or {}
+    if algo.trains_policy and payload.get("save_policy", True):
+        save_hf(policy, trial_dir / "policy", rank)
+    nodes = sorted(set(_all_gather(payload.get("node_id", ""), world)) - {""})
     if rank == 0:
-        if algo.trains_policy and payload.get("save_policy", True):
-            policy.save_pretrained(trial_dir / "policy")
         wall = time.time() - t_start
-        (trial_dir / "summary.json").write_text(json.dumps(
-            {**meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall, "eval_time_s": eval_time}
-        ))
+        _write_json_atomic(trial_dir / "summary.json", {
+            **meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
+            "eval_time_s": eval_time, "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
+        })
     _barrier(world)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+CHECKPOINT_TAG = "prefbench"
+
+
+@contextlib.contextmanager
+def checkpoint_dir(trial_dir: Path, rank: int, step: int):
+    """A fresh local directory per rank for one checkpoint, removed once it has been reported
+    (Ray copies each rank's directory into the run's storage and merges them: every rank saves,
+    then reports — the documented DeepSpeed pattern)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=f"ckpt-{trial_dir.name[:40]}-step{step}-rank{rank}-"))
+    try:
+        yield str(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(ckpt: str, optimize, state: dict, rows_path: Path, log_path: Path, rank: int) -> None:
+    """Every rank: DeepSpeed's own checkpoint (module, optimizer, scheduler; ZeRO shards per rank) with
+    the trial's resume state; rank 0 also copies the rows and training log written so far."""
+    import shutil
+
+    np_state = np.random.get_state()
+    state = {**state, "torch_rng": torch.get_rng_state().tolist(), "numpy_rng": [np_state[1].tolist(), int(np_state[2])]}
+    optimize.engine.save_checkpoint(ckpt, tag=CHECKPOINT_TAG, client_state={"prefbench": state})
+    if rank == 0:
+        files = Path(ckpt) / "prefbench_files"
+        files.mkdir()
+        for path in (rows_path, log_path):
+            if path.exists():
+                shutil.copy2(path, files / path.name)
+        (Path(ckpt) / "prefbench_state.json").write_text(json.dumps({"step": state["step"]}))
+
+
+def load_checkpoint(path: str | None, optimize, trial_dir: Path, rank: int, world: int) -> dict | None:
+    """Restore a trial's DeepSpeed state and files from a reported checkpoint; None when there is none."""
+    if not path:
+        return None
+    _, client = optimize.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+    state = client["prefbench"]
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    keys, pos = state["numpy_rng"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, 0, 0.0))
+    if rank == 0:
+        import shutil
+
+        for name in ("evals.jsonl", "train_log.jsonl"):
+            saved = Path(path) / "prefbench_files" / name
+            target = trial_dir / name
+            if saved.exists():
+                shutil.copy2(saved, target)
+            else:
+                target.unlink(missing_ok=True)
+    _barrier(world)
+    return state
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def _no_optimizer(loss: torch.Tensor) -> dict:
