@@ -128,6 +128,7 @@ class SuiteConfig:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     reward_model: RewardModelParams = field(default_factory=RewardModelParams)  # the shared learned-RM stage
     cache_dir: str | None = None  # env / shared-stage cache; default $PREFBENCH_CACHE or ~/.cache/prefbench
+    storage_path: str | None = None  # Ray Train/Tune storage (checkpoints): a shared path or s3://...; default OUT/ray
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,19 @@ def logical_cpus(suite: SuiteConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(s.max_concurrent_trials * per_trial))
 
 
+def _worker_env() -> dict:
+    """Environment of every Ray worker: quiet libraries, and the fault-injection list when a test set one."""
+    faults = os.environ.get(worker.FAULTS_ENV)
+    return {**QUIET_ENV, **({worker.FAULTS_ENV: faults} if faults else {})}
+
+
 def start_ray(suite: SuiteConfig, address: str | None) -> None:
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: verbose=0 is silent
     kwargs = dict(
         log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False,
-        runtime_env={"env_vars": QUIET_ENV},
+        runtime_env={"env_vars": _worker_env()},
     )
     if address:
         ray.init(address=address, **kwargs)
@@ -95,7 +101,7 @@ def _rm_loop(payload: dict) -> None:
     worker.run_rm_stage(payload, report=_report)
 
 
-def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: Path) -> None:
+def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str | Path) -> None:
     """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers)."""
     trainer = TorchTrainer(
         loop,
@@ -103,19 +109,19 @@ def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: Path
         scaling_config=_scaling(suite.scaling),
         run_config=ray_train.RunConfig(
             name=f"{name}-{int(time.time())}", storage_path=str(storage),
-            worker_runtime_env={"env_vars": QUIET_ENV},
+            worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
     trainer.fit()
 
 
-def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> None:
+def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> None:
     """SFT the env's initial policy in `env_dir` (built already) and write its data."""
     payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed}
     _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
 
 
-def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: Path) -> None:
+def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: str | Path) -> None:
     """Train the shared reward model of (env, seed) into `rm_dir`."""
     payload = {"suite": suite_dict, "env_dir": str(env_dir), "rm_dir": str(rm_dir), "seed": seed}
     _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
@@ -155,7 +161,7 @@ def _trial_driver(config: dict, static: dict) -> None:
             name=f"trial-{spec['trial_id']}",
             storage_path=static["storage"],
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": QUIET_ENV},
+            worker_runtime_env={"env_vars": _worker_env()},
             failure_config=ray_train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray_train.CheckpointConfig(num_to_keep=1),
         ),
@@ -206,12 +212,11 @@ class Progress(tune.Callback):
 
 def run_sweep(
     suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path],
-    rm_dirs: dict[int, Path], out: Path, name: str = "sweep",
+    rm_dirs: dict[int, Path], out: Path, storage: str, name: str = "sweep",
 ) -> dict[str, str | None]:
     """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded)."""
     import dataclasses
 
-    storage = (out / "ray").resolve()
     concurrent = min(suite.scaling.max_concurrent_trials, len(trials))
     static = {
         "suite": suite_dict,

@@ -59,7 +59,7 @@ def _build_cached(workdir: Path, build, label: str) -> Path:
     return workdir
 
 
-def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: Path) -> Path:
+def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | Path) -> Path:
     """Build + SFT the env for `seed` once; later runs with the same config reuse the cache."""
     from bench import ray_runner
 
@@ -86,7 +86,7 @@ def rm_key(suite: SuiteConfig, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: Path) -> Path:
+def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> Path:
     """Train the shared reward model for (env, seed, RM config) once, as a Ray Train job; cached."""
     from bench import ray_runner
 
@@ -174,6 +174,16 @@ def _check_resumable(out_dir: Path, suite: SuiteConfig) -> None:
                         "(see its config.yaml); resume with the same ones")
 
 
+def run_storage(suite: SuiteConfig, out_dir: Path) -> str:
+    """Ray's storage_path for this run: OUT/ray, or a folder of `storage_path` named after OUT (so runs
+    sharing a storage_path never see each other's trial checkpoints)."""
+    out_dir = out_dir.resolve()
+    if not suite.storage_path:
+        return str(out_dir / "ray")
+    tag = hashlib.sha256(str(out_dir).encode()).hexdigest()[:8]
+    return f"{suite.storage_path.rstrip('/')}/{out_dir.name}-{tag}"
+
+
 def finished_trials(out_dir: Path, trials: list) -> set[str]:
     """Trials whose summary.json exists: written last, atomically, by a trial that completed."""
     return {t.trial_id for t in trials if (out_dir / "trials" / t.trial_id / "summary.json").is_file()}
@@ -198,7 +208,7 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
     if todo:
         ray_runner.start_ray(suite, address)
         try:
-            storage = (out_dir / "ray").resolve()
+            storage = run_storage(suite, out_dir)
             env_dirs, rm_dirs = {}, {}
             needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in todo)
             for seed in sorted({t.seed for t in todo}):
@@ -207,7 +217,7 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
                 if needs_rm:
                     rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage)
             name = f"sweep-resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else "sweep"
-            status.update(ray_runner.run_sweep(suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, name=name))
+            status.update(ray_runner.run_sweep(suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, storage, name=name))
         finally:
             ray_runner.stop_ray()
     (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))

@@ -406,6 +406,7 @@ def run_trial(payload: dict, report: Report) -> None:
             with checkpoint_dir(trial_dir, rank, step) as ckpt:
                 save_checkpoint(ckpt, optimize, state, rows_path, log_path, rank)
                 report(metrics, checkpoint=ckpt)
+            inject_fault(trial_dir, spec.trial_id, step, rank)
         else:
             report(metrics)
         return at_t1
@@ -438,11 +439,13 @@ def run_trial(payload: dict, report: Report) -> None:
     if algo.trains_policy and payload.get("save_policy", True):
         save_hf(policy, trial_dir / "policy", rank)
     nodes = sorted(set(_all_gather(payload.get("node_id", ""), world)) - {""})
+    peak_gpu = max(_all_gather(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0, world))
     if rank == 0:
         wall = time.time() - t_start
         _write_json_atomic(trial_dir / "summary.json", {
             **meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
             "eval_time_s": eval_time, "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
+            **({"peak_gpu_memory_gib": round(peak_gpu, 3)} if device.type == "cuda" else {}),
         })
     _barrier(world)
 
@@ -504,6 +507,35 @@ def load_checkpoint(path: str | None, optimize, trial_dir: Path, rank: int, worl
                 target.unlink(missing_ok=True)
     _barrier(world)
     return state
+
+
+FAULTS_ENV = "PREFBENCH_FAULTS"
+
+
+def inject_fault(trial_dir: Path, trial_id: str, step: int, rank: int) -> None:
+    """Fault injection for the reliability tests, right after a checkpoint was reported.
+
+    $PREFBENCH_FAULTS lists `TRIAL_ID@STEP:ACTION` items (comma-separated); ACTION `kill`: this
+    worker process dies (SIGKILL) 5 s later (Ray Train V2 collects reports about every 2 s; a
+    checkpoint the controller never collected is lost with its worker), `hang`: it stops for an hour (for killing the whole run from
+    outside at a known point). Each fires once per trial directory (a marker file), so the
+    restarted trial runs on. Unset in normal use.
+    """
+    import signal
+
+    for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+        target, _, action = item.strip().rpartition(":")
+        if target != f"{trial_id}@{step}" or rank != 0:
+            continue
+        marker = trial_dir / f".fault-{step}-{action}"
+        if marker.exists():
+            continue
+        marker.write_text("fired\n")
+        if action == "kill":
+            time.sleep(5)
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "hang":
+            time.sleep(3600)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
