@@ -132,7 +132,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=_positive, default=3, help="timed repeats after one warm-up (median)")
     g.add_argument("--throughput-timeout", type=_positive, default=150, help="seconds per stage, at most")
     p.add_argument("--_throughput-child", dest="child", type=_stage, help=argparse.SUPPRESS)
-    p.add_argument("--_child-dir", dest="child_dir", help=argparse.SUPPRESS)
     return p
 
 
@@ -216,12 +215,15 @@ def run_logged(cmd: list[str], log: Path, timeout: int, env: dict | None = None,
                                 start_new_session=True, bufsize=1)
 
         def pump() -> None:
-            for line in proc.stdout:
-                f.write(line)
-                f.flush()
-                lines.append(line.rstrip("\n"))
-                if echo and line.startswith(echo):
-                    print("    " + line.rstrip(), file=sys.stderr, flush=True)
+            try:
+                for line in proc.stdout:
+                    f.write(line)
+                    f.flush()
+                    lines.append(line.rstrip("\n"))
+                    if echo and line.startswith(echo):
+                        print("    " + line.rstrip(), file=sys.stderr, flush=True)
+            except ValueError:  # the log was closed: we stopped waiting for a grandchild holding the pipe
+                pass
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -300,12 +302,12 @@ def throughput_child(args: argparse.Namespace) -> None:
     env = ENVS.get("tiny-sentiment")
     params = env.params_cls(num_reviews=200, num_train_prompts=args.pairs, num_eval_prompts=args.prompts,
                             n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
-    workdir = Path(args.child_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    env.build(params, 0, workdir)
-    prompts = json.loads((workdir / "prompts.json").read_text())
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(workdir / "init")
+    with tempfile.TemporaryDirectory(prefix="prefbench-gpu-check-model-") as tmp:  # scratch: the model is big
+        workdir = Path(tmp)
+        env.build(params, 0, workdir)
+        prompts = json.loads((workdir / "prompts.json").read_text())
+        torch.manual_seed(0)
+        policy = Policy.from_pretrained(workdir / "init")
     policy.model.to(device)
     n_params = sum(p.numel() for p in policy.model.parameters())
 
@@ -387,8 +389,8 @@ def throughput_child(args: argparse.Namespace) -> None:
 
 def run_throughput(args: argparse.Namespace, stage: int, work: Path, timeout: int) -> dict:
     log = work / f"throughput-zero{stage}.log"
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--_throughput-child", str(stage), "--_child-dir",
-           str(work / f"throughput-zero{stage}"), "--device", args.device, "--bf16" if args.bf16 else "--no-bf16",
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--_throughput-child", str(stage), "--device", args.device,
+           "--bf16" if args.bf16 else "--no-bf16",
            "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
            "--prompts", str(args.prompts), "--samples", str(args.samples), "--max-new-tokens",
            str(args.max_new_tokens), "--pairs", str(args.pairs), "--repeats", str(args.repeats)]
@@ -543,14 +545,19 @@ def format_table(report: dict) -> str:
             f"{_num(tp.get('gen_tokens_per_s'), ',.0f'):>12}  {_num(tp.get('train_tokens_per_s'), ',.0f'):>14}  "
             f"{_num(tp.get('peak_memory_gib'), '.3f'):>12}  {tp_state:10}  {suite_state}"
         )
-    first_tp = next((s["throughput"] for s in report["stages"] if s.get("throughput") and "sizes" in s["throughput"]), None)
-    if first_tp:
-        z = first_tp["sizes"]
-        lines += ["", f"throughput: GPT-2 {z['n_layer']} layers x {z['n_embd']} (tiny-sentiment vocab), 1 rank, no Ray; "
-                      f"generation = {z['prompts']} prompts x {z['samples']} samples x <= {z['max_new_tokens']} new tokens "
-                      f"(sampled tokens/s); training = DPO steps of {z['pairs']} pairs (prompt+completion tokens of "
-                      f"chosen and rejected per forward/backward/step, per s); median of {report['repeats']} after a "
-                      f"warm-up; peak mem = {first_tp.get('peak_memory_kind', '?')}."]
+    tps = [s["throughput"] for s in report["stages"] if s.get("throughput") and "sizes" in s["throughput"]]
+    if tps:
+        z = tps[0]["sizes"]
+        lines += [
+            "",
+            f"throughput: GPT-2 {z['n_layer']} layers x {z['n_embd']} (tiny-sentiment vocab), 1 rank, no Ray; "
+            f"median of {report['repeats']} after a warm-up",
+            f"  gen tokens/s   = sampled tokens (EOS included) of {z['prompts']} prompts x {z['samples']} samples "
+            f"x <= {z['max_new_tokens']} new tokens, per second of Policy.generate",
+            f"  train tokens/s = prompt + completion tokens of {z['pairs']} DPO pairs (chosen and rejected) per "
+            "second of forward + backward + optimizer step through the DeepSpeed engine",
+            f"  peak mem       = {tps[0].get('peak_memory_kind', '?')} of the process, GiB",
+        ]
     suites = [s for s in report["stages"] if s.get("suite")]
     if suites:
         lines += ["", "suite runs (prefbench run through Ray Train + Tune + DeepSpeed, 1 worker): final evaluation at T=1"]

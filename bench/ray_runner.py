@@ -1,12 +1,15 @@
 """The one module of prefbench that talks to Ray (Train V2 + Tune).
 
-- `start_ray`: embedded `ray.init()` by default, or join a cluster with `--address`.
+- `start_ray`: an embedded Ray instance by default, or join a cluster with `--address`.
 - `run_env_stage`, `run_rm_stage`: the shared stages (the env's SFT, the learned reward model),
   each a Ray Train job (TorchTrainer, DeepSpeed in the workers).
 - `run_sweep`: ONE Ray Tune `Tuner` over the trials (algorithm × sweep point × seed). Each Tune trial
   is a driver function that builds a `TorchTrainer` (the Train V2 pattern: `Tuner(TorchTrainer)` is
   not supported) whose workers run `bench.worker.run_trial`; algorithms that train no policy
   (the SFT baseline, samplers) run inside the trial process itself.
+- Checkpoints: each trial's TorchTrainer has a stable name (`trial-<id>`) in the run's storage, a
+  `FailureConfig` and `CheckpointConfig(num_to_keep=1)`; a restarted worker group, or the same
+  trial in a `--resume` run, finds its latest checkpoint with `ray.train.get_checkpoint()`.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ def start_ray(suite: SuiteConfig, address: str | None) -> None:
     )
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=logical_cpus(suite), **kwargs)
+    else:  # "local": always a fresh embedded instance, even where a `ray start` cluster is running
+        ray.init(address="local", num_cpus=logical_cpus(suite), **kwargs)
     logging.getLogger("ray").setLevel(logging.ERROR)
 
 

@@ -1,7 +1,7 @@
 """Run as a script by test_deepspeed.py: DPO steps through DeepSpeed vs plain PyTorch, as JSON.
 
 A separate process because DeepSpeed allows one initialisation per process.
-Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE
+Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE [offload_optimizer] [offload_param]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bench.config import DeepSpeedSettings
 from bench.worker import single_process_dist_env, wrap_with_deepspeed
 
 
-def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
+def dpo_logs(policy: Policy, reference: Policy, optimize, train: TrainSettings) -> list[dict]:
     pairs = pd.DataFrame({
         "prompt": ["the movie was", "i loved the", "the plot was", "overall it was"] * 2,
         "chosen": ["very good .", "film .", "great .", "wonderful ."] * 2,
@@ -27,7 +27,7 @@ def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
     })
     logs: list[dict] = []
     ctx = TrainContext(
-        policy=policy, reference=policy.frozen_copy(), params=DPOParams(beta=0.5), train=train,
+        policy=policy, reference=reference, params=DPOParams(beta=0.5), train=train,
         data=EnvData([], [], pairs, pd.DataFrame()), optimize=optimize,
         evaluate=lambda *a, **k: {}, log=lambda step, m: logs.append(m),
     )
@@ -35,16 +35,21 @@ def dpo_logs(policy: Policy, optimize, train: TrainSettings) -> list[dict]:
     return logs
 
 
-def main(init_dir: str, zero_stage: int) -> None:
+def main(init_dir: str, zero_stage: int, offload: list[str]) -> None:
     single_process_dist_env()
     torch.set_num_threads(1)
     train = TrainSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=3, max_grad_norm=0.5, eval_every=100)
     plain = Policy.from_pretrained(init_dir)
-    plain_logs = dpo_logs(plain, plain_optimizer(plain, train=train), train)
+    plain_logs = dpo_logs(plain, plain.frozen_copy(), plain_optimizer(plain, train=train), train)
     ds = Policy.from_pretrained(init_dir)
-    ds_logs = dpo_logs(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(zero_stage=zero_stage), 1), train)
-    print(json.dumps({"engine": type(ds.engine).__name__, "plain": plain_logs, "deepspeed": ds_logs}))
+    settings = DeepSpeedSettings(zero_stage=zero_stage, **{name: True for name in offload})
+    reference = ds.frozen_copy()  # before wrapping: a copy of a ZeRO-3 module would carry its hooks, not its shards
+    ds_logs = dpo_logs(ds, reference, wrap_with_deepspeed(ds, train, settings, 1), train)
+    with ds.gathered():  # ZeRO-3: the whole model again (a no-op below 3)
+        sample = ds.generate(["the movie was"], n=2, max_new_tokens=5, seed=0).completion_ids
+    print(json.dumps({"engine": type(ds.engine).__name__, "plain": plain_logs, "deepspeed": ds_logs,
+                      "sample": sample, "plain_sample": plain.generate(["the movie was"], n=2, max_new_tokens=5, seed=0).completion_ids}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

@@ -70,6 +70,11 @@ def test_cpu_dry_run_checks_zero0_and_zero3_through_both_parts(tmp_path):
         assert {t["algorithm"] for t in trials.values()} == {"sft", "ppo"}
         assert all(t["status"] == "ok" for t in trials.values()), trials
         assert all(0 <= t["gold_reward_t1"] <= 1 for t in trials.values())
+    # ZeRO-3 is invisible to the algorithm: on one fp32 CPU worker PPO (rollouts from gathered shards,
+    # sharded steps) ends where ZeRO-0 ends
+    ppo = [next(t for t in s["suite"]["trials"].values() if t["algorithm"] == "ppo") for s in report["stages"]]
+    for key in ("gold_reward_t1", "kl_t1"):
+        assert ppo[1][key] == pytest.approx(ppo[0][key], rel=1e-3, abs=1e-3), key
     # the table names each stage and the verdict
     assert "RESULT: PASS" in proc.stdout
     assert "ppo-kl_coef=0.1-seed0" in proc.stdout
