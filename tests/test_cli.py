@@ -31,3 +31,27 @@ def test_perf_reports_medians_and_ratios(tmp_path):
                 "evaluate_s", "ratio_dpo_deepspeed_vs_plain", "ratio_generate_policy_vs_bare"):
         assert numbers[key] > 0, key
     assert numbers["generate_tokens"] > 1024  # 1024 samples, at least one token each
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "bench.cli", "run", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path):
+    # no Ray starts for any of these: the checks come first
+    missing = _run("--out", str(tmp_path / "nothing"), "--resume")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].endswith("holds no prefbench run (no config.yaml)")
+    no_out = _run("--resume")
+    assert no_out.returncode == 2 and "--resume needs --out" in no_out.stderr
+
+    from bench.config import load_suite, to_yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(load_suite(None, ["train.steps=10"])))
+    other = _run("--out", str(out), "--resume", "--set", "train.steps=20")
+    assert other.returncode == 2 and "differ from those of the run" in other.stderr
+    fresh = _run("--out", str(out), "--set", "train.steps=10")  # not empty, a prefbench run: suggest --resume
+    assert fresh.returncode == 2 and "add --resume to continue it" in fresh.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # nothing touched
