@@ -22,17 +22,25 @@ adaptive controller moves kl_coef and a suite can name `knob: target_kl`).
 
 `train.steps` counts PPO iterations (rollout batches of `train.batch_size` prompts); each makes
 `ppo_epochs × num_minibatches` optimizer steps.
+
+On W data-parallel workers each rank rolls out its 1/W of the batch, but the algorithm is the
+1-worker one: rollouts are seeded per chunk of prompts by global position (`rollout_chunk`),
+advantages are whitened over the global batch, and token-mean losses divide by the global token
+count, so W workers reproduce 1 worker's losses up to float noise (with num_minibatches = 1; with
+more, each rank draws its minibatches from its own slice).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext, check
+from algorithms.policy import Rollout
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -65,17 +73,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean") -> torch.Tensor:
-    """Mean over real tokens of the whole batch ("token_mean") or of per-sequence means ("sequence_mean")."""
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean", tokens: float | None = None
+) -> torch.Tensor:
+    """Mean over real tokens of the whole batch ("token_mean") or of per-sequence means ("sequence_mean").
+
+    `tokens` replaces this batch's token count as the token_mean divisor: with W data-parallel ranks,
+    the global batch's tokens / W, so that the ranks' averaged gradients are those of the global
+    token mean (each rank's own count would weight ranks equally instead of tokens).
+    """
     if aggregation == "token_mean":
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (tokens if tokens is not None else mask.sum().clamp(min=1))
     return ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, mean_over_ranks: Callable[[dict], dict] = lambda d: d
+) -> torch.Tensor:
+    """(x − mean) / std over the real tokens of the GLOBAL batch (all ranks, via `mean_over_ranks`)."""
+    n = mean_over_ranks({"n": float(mask.sum())})["n"]
+    mean = mean_over_ranks({"s": float((x * mask).sum())})["s"] / n
+    var = mean_over_ranks({"s": float((((x - mean) * mask) ** 2).sum())})["s"] / n
+    return (x - mean) * torch.rsqrt(torch.tensor(var + eps, dtype=x.dtype, device=x.device)) * mask
 
 
 def ppo_losses(
@@ -90,8 +109,10 @@ def ppo_losses(
     cliprange: float,
     cliprange_value: float,
     aggregation: str = "token_mean",
+    tokens: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Clipped policy and value losses; every input (B, T). Returns policy, value, clipfrac, approx_kl."""
+    """Clipped policy and value losses; every input (B, T). Returns policy, value, clipfrac, approx_kl.
+    `tokens`: the token_mean divisor (see `masked_mean`)."""
     ratio = torch.exp(logps - old_logps)
     pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
@@ -100,8 +121,8 @@ def ppo_losses(
         clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
         approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
     return {
-        "policy": masked_mean(pg, mask, aggregation),
-        "value": masked_mean(vf, mask, aggregation),
+        "policy": masked_mean(pg, mask, aggregation, tokens),
+        "value": masked_mean(vf, mask, aggregation, tokens),
         "clipfrac": clipfrac,
         "approx_kl": approx_kl,
     }
@@ -135,6 +156,9 @@ class PPOParams:
     num_minibatches: int = 1  # optimizer steps per pass
     loss_aggregation: str = "token_mean"  # "token_mean" over the batch's tokens or "sequence_mean"
     rollout_temperature: float = 1.0  # sampling temperature of rollouts; π and π_ref are scored at it
+    # prompts per generation call, each call seeded by its position in the global batch: the same
+    # rollouts on any number of workers (must divide train.batch_size / num_workers)
+    rollout_chunk: int = 8
 
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
@@ -154,6 +178,7 @@ class PPOParams:
         check(self.loss_aggregation in ("token_mean", "sequence_mean"), "loss_aggregation",
               "must be 'token_mean' or 'sequence_mean'")
         check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
+        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
 
 
 class PPO:
@@ -175,6 +200,26 @@ class PPO:
             scores = ctx.reward_model.score(prompts, completions)
         return torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
 
+    def _rollout(self, ctx: TrainContext, batch: list[str], it: int) -> Rollout:
+        """Sample this rank's prompts `rollout_chunk` at a time, each chunk seeded by its global position."""
+        p: PPOParams = ctx.params
+        if len(batch) % p.rollout_chunk:
+            raise ValueError(f"{self.name}: rollout_chunk {p.rollout_chunk} must divide the per-worker batch "
+                             f"{len(batch)} (train.batch_size / scaling.num_workers)")
+        first = ctx.rank * len(batch)  # global position of this rank's first prompt
+        with ctx.policy.gathered():  # ZeRO-3: gather the shards once for all chunks
+            parts = [
+                ctx.policy.generate(batch[i : i + p.rollout_chunk], n=1, temperature=p.rollout_temperature,
+                                    max_new_tokens=ctx.max_new_tokens, seed=(ctx.seed * 1_000_003 + it) * 4096 + first + i)
+                for i in range(0, len(batch), p.rollout_chunk)
+            ]
+        return Rollout(
+            prompts=[x for r in parts for x in r.prompts], prompt_index=np.arange(len(batch)),
+            completions=[x for r in parts for x in r.completions],
+            prompt_ids=[x for r in parts for x in r.prompt_ids],
+            completion_ids=[x for r in parts for x in r.completion_ids], temperature=p.rollout_temperature,
+        )
+
     def train(self, ctx: TrainContext) -> dict:
         p: PPOParams = ctx.params
         policy, reference, critic = ctx.policy, ctx.reference, ctx.critic
@@ -188,15 +233,12 @@ class PPO:
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
                 ctx.evaluate(policy, it)
-            # ---- rollout: one completion per prompt of this rank's slice
+            # ---- rollout: one completion per prompt of this rank's slice, in chunks seeded by their
+            # position in the global batch (so W workers sample exactly what 1 worker samples)
             idx = ctx.batch_indices(it, len(prompts))
-            batch = [prompts[i] for i in idx]
-            roll = policy.generate(batch, n=1, temperature=T, max_new_tokens=ctx.max_new_tokens,
-                                   seed=(ctx.seed * 1_000_003 + it) * 64 + ctx.rank)
+            roll = self._rollout(ctx, [prompts[i] for i in idx], it)
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            keep = [i for i, c in enumerate(c_ids) if c]  # an empty completion has no token to score
-            p_ids, c_ids = [p_ids[i] for i in keep], [c_ids[i] for i in keep]
-            score = self._score(ctx, [roll.prompts[i] for i in keep], [roll.completions[i] for i in keep])
+            score = self._score(ctx, roll.prompts, roll.completions)
             with torch.no_grad():
                 old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)
                 ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
@@ -215,7 +257,7 @@ class PPO:
                     rewards[rows, last] -= kl_coef * seq_kl
                 advantages, returns = gae(rewards, old_values, mask, p.gamma, p.lam)
                 if p.whiten_advantages:
-                    advantages = whiten(advantages, mask)
+                    advantages = whiten(advantages, mask, mean_over_ranks=ctx.mean_over_ranks)
 
             # ---- PPO epochs over the batch
             stats: dict[str, list[float]] = {}
@@ -227,6 +269,7 @@ class PPO:
                         continue
                     mb_p, mb_c = [p_ids[i] for i in mb], [c_ids[i] for i in mb]
                     logps, mb_mask = policy.token_logps(mb_p, mb_c, temperature=T)
+                    tokens = ctx.mean_over_ranks({"n": float(mb_mask.sum())})["n"]  # global tokens / W
                     values, _ = critic.token_values(mb_p, mb_c)
                     sel = torch.as_tensor(mb, device=logps.device)
                     width = logps.shape[1]
@@ -234,11 +277,12 @@ class PPO:
                         logps, old_logps[sel, :width], advantages[sel, :width], values.to(logps.device),
                         old_values[sel, :width], returns[sel, :width], mb_mask,
                         cliprange=p.cliprange, cliprange_value=p.cliprange_value, aggregation=p.loss_aggregation,
+                        tokens=tokens,
                     )
                     loss = losses["policy"] + p.vf_coef * losses["value"]
                     if p.kl_placement == "loss":
                         kl_now = kl_penalty(logps, ref_logps[sel, :width], p.kl_estimator)
-                        loss = loss + kl_coef * masked_mean(kl_now, mb_mask, p.loss_aggregation)
+                        loss = loss + kl_coef * masked_mean(kl_now, mb_mask, p.loss_aggregation, tokens)
                     opt = ctx.optimize(loss)
                     for key, value in losses.items():
                         stats.setdefault(key, []).append(float(value.detach()))
