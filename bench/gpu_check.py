@@ -480,11 +480,8 @@ def run_suite(args: argparse.Namespace, stage: int, work: Path, cache: Path, tim
             if not (math.isfinite(info.get("gold_reward_t1", math.nan)) and math.isfinite(info.get("kl_t1", math.nan))):
                 problems.append(f"trial {row.trial_id}: no finite final gold reward / KL at T=1")
             if args.device == "cuda" and row.algorithm in POLICY_TRIALS and not info.get("peak_gpu_memory_gib"):
-                if _summaries_report_gpu_memory():
-                    problems.append(f"trial {row.trial_id}: its summary reports no GPU memory: the worker ran on CPU")
-                else:
-                    result["warnings"].append(f"trial {row.trial_id}: GPU use not verified (this version of "
-                                              "bench.worker writes no peak_gpu_memory_gib to summary.json)")
+                # bench.worker.run_trial writes peak_gpu_memory_gib whenever its device is CUDA
+                problems.append(f"trial {row.trial_id}: its summary reports no GPU memory: the worker ran on CPU")
         if trials.empty:
             problems.append("trials.parquet has no trials")
     elif not proc["timed_out"]:
@@ -495,14 +492,6 @@ def run_suite(args: argparse.Namespace, stage: int, work: Path, cache: Path, tim
     else:
         say(f"suite ZeRO-{stage}: FAILED after {proc['wall_s']:.0f}s: {'; '.join(problems)}\n{_tail(log)}")
     return result
-
-
-def _summaries_report_gpu_memory() -> bool:
-    """Whether bench.worker.run_trial writes peak_gpu_memory_gib (on CUDA) into a trial's summary.json."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("bench.worker")
-    return bool(spec and spec.origin and "peak_gpu_memory_gib" in Path(spec.origin).read_text())
 
 
 # ------------------------------------------------------------------------------------ report
@@ -584,9 +573,9 @@ def _terminated(signum, frame):
 
 def _write_json(path: str | None, report: dict) -> None:
     if path:
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        from bench.results import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(report, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,19 @@ TRIAL_COLUMNS = [
 ]
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
+def _atomic(path: Path, write) -> None:
+    """`write(tmp)` into a temp file beside `path`, then rename: readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None]) -> tuple[pd.DataFrame, pd.DataFrame]:

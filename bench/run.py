@@ -203,7 +203,7 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
         say(f"[prefbench] resuming {out_dir}: {len(done)} of {len(trials)} trials finished, {len(todo)} to run")
     else:
         say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
-        _write_text_atomic(out_dir / "config.yaml", to_yaml(suite))  # written first: it marks a prefbench run
+        results.write_text_atomic(out_dir / "config.yaml", to_yaml(suite))  # written first: it marks a prefbench run
     status: dict[str, str | None] = {t: None for t in done}
     if todo:
         ray_runner.start_ray(suite, address)
@@ -226,9 +226,3 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
     failed = int((trials_df["status"] != "ok").sum())
     say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
     return failed
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -28,6 +28,7 @@ from algorithms.reward_model import ScalarModel, split_pairs, train_reward_model
 from algorithms.sft import lm_finetune
 from bench.config import DeepSpeedSettings, SuiteConfig, TrialSpec, build_dataclass, env_params
 from bench.evaluate import EvalSet, best_of_n_stats, concat_stats, sample_stats, summarize
+from bench.results import write_text_atomic
 from envs import ENVS
 from envs.base import load_env_data
 
@@ -364,9 +365,7 @@ def run_trial(payload: dict, report: Report) -> None:
         row = measure(reference, temperature, seed)
         if rank == 0:
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(row))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(row))
         return row
 
     def evaluate(sampler, step: int, *, final: bool = False) -> dict:
@@ -442,11 +441,11 @@ def run_trial(payload: dict, report: Report) -> None:
     peak_gpu = max(_all_gather(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0, world))
     if rank == 0:
         wall = time.time() - t_start
-        _write_json_atomic(trial_dir / "summary.json", {
+        write_text_atomic(trial_dir / "summary.json", json.dumps({
             **meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
             "eval_time_s": eval_time, "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
             **({"peak_gpu_memory_gib": round(peak_gpu, 3)} if device.type == "cuda" else {}),
-        })
+        }))
     _barrier(world)
 
 
@@ -536,12 +535,6 @@ def inject_fault(trial_dir: Path, trial_id: str, step: int, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "hang":
             time.sleep(3600)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def _no_optimizer(loss: torch.Tensor) -> dict:
