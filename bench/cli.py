@@ -1,4 +1,4 @@
-"""The `prefbench` command: run, list, report, perf.
+"""The `prefbench` command: run, list, report, compare, perf.
 
 User mistakes (bad suite, unknown plugin, missing file, existing --out, an env that came out empty)
 are one line on stderr and exit code 2, with nothing left in OUT. A run whose trials partly failed
@@ -32,8 +32,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the stopped run in --out (same suite and --set): finished trials are kept, "
                         "the others restart from their last checkpoint")
     sub.add_parser("list", help="list the registered algorithms and envs")
-    rep = sub.add_parser("report", help="rebuild OUT/report.md from OUT/*.parquet")
+    rep = sub.add_parser("report", help="rebuild OUT's report (tables, plots, HTML) from OUT/*.parquet")
     rep.add_argument("out", help="a run's output directory")
+    rep.add_argument("--kl-budgets", metavar="B,B,...", help="KL budgets in nats (default: the run's report.kl_budgets)")
+    rep.add_argument("--temperature-kl-budget", type=float, metavar="B",
+                     help="KL budget in nats of each algorithm's point in the temperature plot (default: the run's)")
+    cmp = sub.add_parser("compare", help="put several runs side by side (per algorithm: each run's numbers and the difference)")
+    cmp.add_argument("outs", nargs="+", metavar="OUT", help="run output directories (the difference is last - first)")
+    cmp.add_argument("--out", dest="dest", help="also write compare.md, compare.csv and compare_frontier.png/.svg here")
     perf = sub.add_parser("perf", help="time generation, scoring, a DPO step and an evaluation (no Ray)")
     perf.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
@@ -57,9 +63,31 @@ def _list() -> None:
             print(f"  (skipped {reg.kind} plugin {name}: {err})", file=sys.stderr)
 
 
+def _report_settings(args):
+    """The run's own report settings with the command line's overrides, or None to use the run's."""
+    import dataclasses
+
+    from bench.config import ConfigError, ReportSettings, build_dataclass
+    from bench.report import load_run
+
+    if args.kl_budgets is None and args.temperature_kl_budget is None:
+        return None
+    saved = load_run(Path(args.out)).settings
+    changes = dataclasses.asdict(saved)
+    if args.kl_budgets is not None:
+        try:
+            changes["kl_budgets"] = [float(b) for b in args.kl_budgets.split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(f"--kl-budgets: expected numbers separated by commas, got {args.kl_budgets!r}") from None
+    if args.temperature_kl_budget is not None:
+        changes["temperature_kl_budget"] = args.temperature_kl_budget
+    return build_dataclass(ReportSettings, changes, "report")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bench.config import ConfigError
+    from bench.report import ReportError
     from bench.run import UserError
 
     try:
@@ -68,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from bench.report import write_report
 
-            out = Path(args.out)
-            if not (out / "evals.parquet").is_file() or not (out / "trials.parquet").is_file():
-                raise UserError(f"{out}: no evals.parquet/trials.parquet here (is it a prefbench run directory?)")
-            print(write_report(out))
+            print(write_report(Path(args.out), _report_settings(args)))
+        elif args.command == "compare":
+            from bench.report import compare
+
+            print(compare([Path(o) for o in args.outs], Path(args.dest) if args.dest else None), end="")
         elif args.command == "perf":
             from bench.perf import format_perf, run_perf
 
@@ -87,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             _, failed = run(args.suite, args.overrides, args.out, args.address, resume=args.resume)
             if failed:
                 return 1  # results are written; trials.parquet says which trials failed and why
-    except (ConfigError, UserError) as e:
+    except (ConfigError, UserError, ReportError) as e:
         print(f"prefbench: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -116,6 +116,25 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class ReportSettings:
+    kl_budgets: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])  # nats: best gold and area under each front up to each
+    temperature_kl_budget: float = 3.0  # nats: each algorithm's point in the temperature plot = its best final point with KL(T=1) <= this
+    confidence: float = 0.95  # level of every confidence interval (Student t over seeds)
+
+    def __post_init__(self) -> None:
+        if not self.kl_budgets:
+            raise ParamError("kl_budgets", "must list at least one KL budget")
+        for b in self.kl_budgets:
+            if not b > 0 or b != b or b == float("inf"):
+                raise ParamError("kl_budgets", f"must be finite numbers > 0 (nats), got {b}")
+        if not 0 < self.temperature_kl_budget < float("inf"):
+            raise ParamError("temperature_kl_budget", f"must be a finite number > 0 (nats), got {self.temperature_kl_budget}")
+        if not 0 < self.confidence < 1:
+            raise ParamError("confidence", f"must be between 0 and 1, got {self.confidence}")
+        self.kl_budgets = sorted(float(b) for b in self.kl_budgets)
+
+
+@dataclass
 class SuiteConfig:
     name: str = "quick"
     env: EnvSpec = field(default_factory=EnvSpec)
@@ -129,6 +148,7 @@ class SuiteConfig:
     reward_model: RewardModelParams = field(default_factory=RewardModelParams)  # the shared learned-RM stage
     cache_dir: str | None = None  # env / shared-stage cache; default $PREFBENCH_CACHE or ~/.cache/prefbench
     storage_path: str | None = None  # Ray Train/Tune storage (checkpoints): a shared path or s3://...; default OUT/ray
+    report: ReportSettings = field(default_factory=ReportSettings)  # what the report measures (prefbench report reads it back)
 
 
 @dataclass(frozen=True)

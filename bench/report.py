@@ -1,129 +1,345 @@
-"""OUT/report.md, rebuilt from OUT/evals.parquet and OUT/trials.parquet alone.
+"""The report of a run, rebuilt from OUT/evals.parquet and OUT/trials.parquet alone (plus the `report:`
+settings of OUT/config.yaml when it is there): frontier and temperature plots, and the comparison
+tables as report.md, report.csv, configs.csv, report.tex and report.html.
 
-One row per (algorithm, knob value): the FINAL evaluation of its trials. With one seed the ± is the
-evaluation's standard error (clustered by prompt); with several seeds it is the standard error of
-the mean over seeds.
+What is measured (DESIGN.md "Evaluation"; every number per seed first, then mean ± CI over seeds):
+- the frontier: every evaluation at T = 1 of every trial is a point (KL(π‖π_ref) nats, gold reward);
+  an algorithm's Pareto front is the upper-left set of its points over all knob values and steps
+  (`bench.frontier.pareto_front`); per KL budget B, the best gold reward with KL ≤ B and the area
+  under the front from 0 to B (staircase, floored at the SFT reward);
+- the Gao et al. (2022) forms fitted to each algorithm's points (best-of-n's form where its KL is
+  analytic, the RL form otherwise);
+- temperature robustness at each algorithm's chosen point: its knob value whose final evaluation
+  (mean over seeds) has the highest gold reward with KL ≤ `report.temperature_kl_budget`; win rate
+  and gold reward at every evaluated temperature, and the spread max − min of the win rate.
+Only trials with status ok are used; failed ones are listed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
+
+from bench.config import ConfigError, ReportSettings, build_dataclass
+from bench.frontier import Estimate, GaoFit, area_under_front, best_within, diff_ci, fit_gao, mean_ci, pareto_front
 
 
-def _agg(df: pd.DataFrame, col: str) -> tuple[float, float]:
-    vals = df[col].to_numpy(dtype=float)
-    if len(vals) == 0 or np.isnan(vals).all():
-        return float("nan"), float("nan")
-    if len(vals) == 1:
-        return float(vals[0]), float(df[f"{col}_se"].iloc[0])
-    return float(np.nanmean(vals)), float(np.nanstd(vals, ddof=1) / math.sqrt(np.sum(~np.isnan(vals))))
+class ReportError(Exception):
+    """A directory that is not a readable prefbench run; str() is the one line to print."""
 
 
-def _fmt(mean: float, se: float, digits: int = 3) -> str:
-    if mean != mean:
-        return "–"
-    return f"{mean:.{digits}f} ± {se:.{digits}f}" if se == se else f"{mean:.{digits}f}"
+@dataclass
+class Run:
+    """What a report is made of: the two parquet files and the report settings."""
+
+    out: Path
+    evals: pd.DataFrame
+    trials: pd.DataFrame
+    settings: ReportSettings
+    config_text: str = ""  # OUT/config.yaml as written by the run ("" when absent)
+
+    @property
+    def suite(self) -> str:
+        frame = self.trials if len(self.trials) else self.evals
+        return str(frame["suite"].iloc[0]) if len(frame) else "?"
+
+    @property
+    def env(self) -> str:
+        frame = self.trials if len(self.trials) else self.evals
+        return str(frame["env"].iloc[0]) if len(frame) else "?"
 
 
-def _knob(knob: str | None, value: float | None) -> str:
-    if knob is None or value is None or value != value:
-        return "–"
-    return f"{knob}={value:g}"
+def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
+    """Read OUT's parquet files; settings: given, else OUT/config.yaml's `report:`, else the defaults."""
+    out = Path(out)
+    if not (out / "evals.parquet").is_file() or not (out / "trials.parquet").is_file():
+        raise ReportError(f"{out}: no evals.parquet/trials.parquet here (is it a prefbench run directory?)")
+    try:
+        evals, trials = pd.read_parquet(out / "evals.parquet"), pd.read_parquet(out / "trials.parquet")
+    except Exception as e:  # a truncated or foreign file: one line, not a pyarrow traceback
+        raise ReportError(f"{out}: cannot read its parquet files ({type(e).__name__}: {e})") from None
+    missing = {"algorithm", "trial_id", "seed", "knob_value", "step", "final", "temperature", "gold_reward", "kl"} - set(evals.columns)
+    if missing or not {"trial_id", "status"} <= set(trials.columns):
+        raise ReportError(f"{out}: evals.parquet/trials.parquet lack prefbench's columns ({', '.join(sorted(missing)) or 'status'})")
+    config_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
+    if settings is None:
+        saved = (yaml.safe_load(config_text) or {}).get("report") if config_text else None
+        try:
+            settings = build_dataclass(ReportSettings, saved or {}, "report")
+        except ConfigError as e:
+            raise ReportError(f"{out}/config.yaml: {e}") from None
+    return Run(out, evals, trials, settings, config_text)
 
 
-def summary_table(evals: pd.DataFrame) -> pd.DataFrame:
-    """Final evaluations aggregated per (algorithm, knob value) over seeds."""
-    final = evals[evals["final"].astype(bool)]
+# ---- per-seed numbers -------------------------------------------------------------------------------
+
+
+def _order(run: Run) -> list[str]:
+    """Algorithms in the suite's order, the SFT baseline first."""
+    names = list(dict.fromkeys(run.trials["algorithm"].tolist() + run.evals["algorithm"].tolist()))
+    return sorted(names, key=lambda a: a != "sft")
+
+
+def ok_evals(run: Run) -> pd.DataFrame:
+    ok = set(run.trials.loc[run.trials["status"] == "ok", "trial_id"])
+    return run.evals[run.evals["trial_id"].isin(ok)]
+
+
+def frontier_points(run: Run) -> pd.DataFrame:
+    """Every evaluation at T = 1 with a finite KL and gold reward (one row per trial and step)."""
+    ev = ok_evals(run)
+    pts = ev[(ev["temperature"] == 1.0) & np.isfinite(ev["kl"]) & np.isfinite(ev["gold_reward"])]
+    return pts.sort_values(["algorithm", "seed", "knob_value", "step"], kind="stable")
+
+
+def _sft_gold(points: pd.DataFrame) -> dict[int, float]:
+    sft = points[points["algorithm"] == "sft"]
+    return {int(s): float(g["gold_reward"].mean()) for s, g in sft.groupby("seed")}
+
+
+def _form(pts: pd.DataFrame) -> str:
+    return "bon" if "kl_kind" in pts and (pts["kl_kind"] == "analytic").all() else "rl"
+
+
+def configurations(run: Run) -> pd.DataFrame:
+    """Final evaluations per (algorithm, knob value, seed, temperature)."""
+    ev = ok_evals(run)
+    return ev[ev["final"].astype(bool)]
+
+
+def chosen_knobs(run: Run) -> dict[str, tuple[float, float, bool]]:
+    """Per algorithm: (knob value, mean KL at T=1, within budget) of its temperature-plot point."""
+    final = configurations(run)
+    t1 = final[final["temperature"] == 1.0]
+    budget = run.settings.temperature_kl_budget
+    chosen = {}
+    for algo, grp in t1.groupby("algorithm", sort=False):
+        means = grp.groupby("knob_value", dropna=False)[["kl", "gold_reward"]].mean().reset_index()
+        means = means[np.isfinite(means["gold_reward"])]
+        if not len(means):
+            continue
+        inside = means[means["kl"].fillna(0.0) <= budget]
+        if len(inside):
+            row = inside.sort_values(["gold_reward", "kl"], ascending=[False, True]).iloc[0]
+            chosen[algo] = (float(row["knob_value"]), float(row["kl"]), True)
+        else:  # nothing within the budget: its least divergent point, flagged
+            row = means.sort_values("kl").iloc[0]
+            chosen[algo] = (float(row["knob_value"]), float(row["kl"]), False)
+    return chosen
+
+
+def per_seed(run: Run) -> pd.DataFrame:
+    """One row per (algorithm, seed): every number the tables summarise, before averaging over seeds."""
+    s = run.settings
+    points = frontier_points(run)
+    sft_gold = _sft_gold(points)
+    final = configurations(run)
     temps = sorted(final["temperature"].unique())
-    out = []
-    keys = ["algorithm", "knob", "knob_value"]
-    for (algo, knob, value), grp in final.groupby(keys, dropna=False, sort=False):
+    chosen = chosen_knobs(run)
+    trials = run.trials
+    rows = []
+    for algo in _order(run):
+        apts = points[points["algorithm"] == algo]
+        seeds = sorted(set(trials.loc[(trials["algorithm"] == algo) & (trials["status"] == "ok"), "seed"]))
+        for seed in seeds:
+            pts = apts[apts["seed"] == seed]
+            kl, gold = pts["kl"].to_numpy(), pts["gold_reward"].to_numpy()
+            floor = sft_gold.get(int(seed))
+            row: dict = {"algorithm": algo, "seed": int(seed)}
+            for b in s.kl_budgets:
+                row[f"best_gold@{b:g}"], i = best_within(kl, gold, b)
+                row[f"best_gold@{b:g}_se"] = float(pts["gold_reward_se"].iloc[i]) if i >= 0 else float("nan")
+                row[f"area@{b:g}"] = area_under_front(kl, gold, b, floor) if len(pts) else float("nan")
+            fit = fit_gao(kl, gold - floor, _form(pts)) if floor is not None and len(pts) else GaoFit("rl", *[float("nan")] * 3, 0)
+            row.update({"gao_form": fit.form, "gao_alpha": fit.alpha, "gao_beta": fit.beta, "gao_r2": fit.r2})
+            if algo in chosen:
+                knob_value = chosen[algo][0]
+                at = final[(final["algorithm"] == algo) & (final["seed"] == seed)]
+                at = at[at["knob_value"].isna()] if math.isnan(knob_value) else at[at["knob_value"] == knob_value]
+                wins = []
+                for t in temps:
+                    r = at[at["temperature"] == t]
+                    row[f"win@T={t:g}"] = float(r["win_rate"].iloc[0]) if len(r) else float("nan")
+                    row[f"win@T={t:g}_se"] = float(r["win_rate_se"].iloc[0]) if len(r) else float("nan")
+                    row[f"gold@T={t:g}"] = float(r["gold_reward"].iloc[0]) if len(r) else float("nan")
+                    row[f"gold@T={t:g}_se"] = float(r["gold_reward_se"].iloc[0]) if len(r) else float("nan")
+                    wins.append(row[f"win@T={t:g}"])
+                row["temp_spread"] = float(np.nanmax(wins) - np.nanmin(wins)) if np.isfinite(wins).sum() >= 2 else float("nan")
+            mine = trials[(trials["algorithm"] == algo) & (trials["seed"] == seed) & (trials["status"] == "ok")]
+            row["train_time_s"] = float(mine["train_time_s"].sum(min_count=1)) if "train_time_s" in mine else float("nan")
+            rm = mine["rm_accuracy"].dropna() if "rm_accuracy" in mine else pd.Series(dtype=float)
+            row["rm_accuracy"] = float(rm.iloc[0]) if len(rm) else float("nan")
+            row["trials"] = int(len(mine))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- summaries over seeds -----------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """Per algorithm, each metric as an Estimate over seeds; what every table and the CSV show."""
+
+    run: Run
+    seeds: pd.DataFrame  # per_seed(run)
+    metrics: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # algorithm → metric → Estimate
+    chosen: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
+    temps: list[float] = field(default_factory=list)
+    fits: dict[str, GaoFit] = field(default_factory=dict)  # pooled over seeds: the curves drawn
+
+    @property
+    def algorithms(self) -> list[str]:
+        return list(self.metrics)
+
+    def knob_label(self, algo: str) -> str:
+        knob = self.run.trials.loc[self.run.trials["algorithm"] == algo, "knob"].dropna()
+        value = self.chosen.get(algo, (float("nan"),))[0]
+        return f"{knob.iloc[0]}={value:g}" if len(knob) and value == value else "–"
+
+
+def summarize(run: Run) -> Summary:
+    seeds = per_seed(run)
+    level = run.settings.confidence
+    final = configurations(run)
+    summary = Summary(run, seeds, chosen=chosen_knobs(run), temps=[float(t) for t in sorted(final["temperature"].unique())])
+    if not len(seeds):
+        return summary
+    points = frontier_points(run)
+    sft_gold = _sft_gold(points)
+    value_cols = [c for c in seeds.columns if c not in ("algorithm", "seed", "gao_form", "trials") and not c.endswith("_se")]
+    for algo, grp in seeds.groupby("algorithm", sort=False):
+        est = {}
+        for col in value_cols:
+            se = grp[f"{col}_se"].iloc[0] if f"{col}_se" in grp and len(grp) == 1 else None
+            est[col] = mean_ci(grp[col], level, se=se)
+        summary.metrics[algo] = est
+        pts = points[points["algorithm"] == algo]
+        if algo != "sft" and sft_gold and len(pts):
+            gain = pts["gold_reward"].to_numpy() - pts["seed"].map(sft_gold).to_numpy(dtype=float)
+            summary.fits[algo] = fit_gao(pts["kl"].to_numpy(), gain, _form(pts))
+    return summary
+
+
+def config_table(run: Run) -> pd.DataFrame:
+    """Per (algorithm, knob value): its final evaluation at each temperature, mean and CI over seeds."""
+    final = configurations(run)
+    level = run.settings.confidence
+    temps = sorted(final["temperature"].unique())
+    rows = []
+    order = {a: i for i, a in enumerate(_order(run))}
+    for (algo, knob, value), grp in final.groupby(["algorithm", "knob", "knob_value"], dropna=False, sort=False):
         t1 = grp[grp["temperature"] == 1.0]
-        row = {"algorithm": algo, "knob": knob if isinstance(knob, str) else None,
-               "knob_value": value, "seeds": grp["seed"].nunique()}
-        row["gold"], row["gold_se"] = _agg(t1, "gold_reward")
-        row["kl"], row["kl_se"] = _agg(t1, "kl")
-        row["win"], row["win_se"] = _agg(t1, "win_rate")
+        row = {"algorithm": algo, "knob": knob if isinstance(knob, str) else None, "knob_value": value,
+               "seeds": int(grp["seed"].nunique())}
+
+        def est(frame: pd.DataFrame, col: str) -> Estimate:
+            se = float(frame[f"{col}_se"].iloc[0]) if len(frame) == 1 and f"{col}_se" in frame else None
+            return mean_ci(frame[col], level, se=se)
+
+        row["gold"], row["kl"], row["win"] = est(t1, "gold_reward"), est(t1, "kl"), est(t1, "win_rate")
         row["gen_len"] = float(t1["gen_len"].mean()) if len(t1) else float("nan")
         for t in temps:
-            row[f"gold@T={t:g}"] = _agg(grp[grp["temperature"] == t], "gold_reward")
-        out.append(row)
-    table = pd.DataFrame(out)
-    if len(table):
-        table["_order"] = table["algorithm"].map(lambda a: (a != "sft", a))
-        table = table.sort_values(["_order", "knob_value"], ascending=[True, False]).drop(columns="_order")
-    return table
+            row[f"gold@T={t:g}"] = est(grp[grp["temperature"] == t], "gold_reward")
+        row["_order"] = (order.get(algo, 99), -(value if value == value else 0.0))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values("_order").drop(columns="_order").reset_index(drop=True) if len(table) else table
 
 
-def best_points(table: pd.DataFrame) -> pd.DataFrame:
-    """Per algorithm, the row of `summary_table` with the highest gold reward at T = 1."""
-    if not len(table):
-        return table
-    ranked = table.dropna(subset=["gold"]).sort_values("gold", ascending=False)
-    return ranked.drop_duplicates("algorithm").set_index("algorithm").loc[
-        [a for a in table["algorithm"].unique() if a in set(ranked["algorithm"])]].reset_index()
+# ---- files ------------------------------------------------------------------------------------------
+
+REPORT_FILES = ("report.md", "report.csv", "configs.csv", "report.tex", "report.html",
+                "frontier.png", "frontier.svg", "temperature.png", "temperature.svg")
 
 
-def render_markdown(evals: pd.DataFrame, trials: pd.DataFrame) -> str:
-    lines = []
-    suite = evals["suite"].iloc[0] if len(evals) else (trials["suite"].iloc[0] if len(trials) else "?")
-    env = evals["env"].iloc[0] if len(evals) else (trials["env"].iloc[0] if len(trials) else "?")
-    ok = int((trials["status"] == "ok").sum())
-    lines += [f"# prefbench report: suite `{suite}`, env `{env}`", ""]
-    lines += [f"{ok}/{len(trials)} trials ok; {len(evals)} evaluation rows. Final evaluation of each trial; "
-              "gold reward and win rate at T = 1 with KL(π‖π_ref) in nats per sequence (k1 estimate); "
-              "± is one standard error (clustered by prompt; across seeds when there are several).", ""]
-    table = summary_table(evals)
-    if len(table):
-        temps = [c for c in table.columns if c.startswith("gold@T=")]
-        header = ["algorithm", "knob", "seeds", "gold reward (T=1)", "KL (nats)", "win rate (T=1)", "length"] + [
-            c.replace("gold@", "gold ") for c in temps]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for _, r in table.iterrows():
-            cells = [r["algorithm"], _knob(r["knob"], r["knob_value"]), str(r["seeds"]),
-                     _fmt(r["gold"], r["gold_se"]), _fmt(r["kl"], r["kl_se"], 2), _fmt(r["win"], r["win_se"]),
-                     f"{r['gen_len']:.1f}"] + [_fmt(*r[c]) for c in temps]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    else:
-        lines += ["No trial produced a final evaluation.", ""]
-    best = best_points(table)
-    if len(best):
-        lines += ["## Best point per algorithm", "",
-                  "Highest final gold reward at T = 1 over each algorithm's knob values, and how far it moved "
-                  "from the reference to get there.", ""]
-        lines += ["| algorithm | knob | gold reward (T=1) | vs SFT | KL (nats) |", "|---|---|---|---|---|"]
-        sft_gold = table.loc[table["algorithm"] == "sft", "gold"]
-        for _, r in best.iterrows():
-            delta = f"{r['gold'] - sft_gold.iloc[0]:+.3f}" if len(sft_gold) else "–"
-            lines.append(f"| {r['algorithm']} | {_knob(r['knob'], r['knob_value'])} | {_fmt(r['gold'], r['gold_se'])} "
-                         f"| {delta} | {_fmt(r['kl'], r['kl_se'], 2)} |")
-        lines.append("")
-    rm = trials.dropna(subset=["rm_accuracy"]) if "rm_accuracy" in trials else trials.iloc[:0]
-    if len(rm):
-        per_seed = rm.groupby("seed")["rm_accuracy"].first()
-        lines += ["Learned reward model, held-out pair accuracy: "
-                  + ", ".join(f"{acc:.3f} (seed {seed})" for seed, acc in per_seed.items()) + ".", ""]
-    failed = trials[trials["status"] != "ok"]
-    if len(failed):
-        lines += ["## Failed trials", ""]
-        lines += [f"- `{r.trial_id}`: {r.reason}" for r in failed.itertuples()]
-        lines.append("")
-    times = trials.dropna(subset=["wall_time_s"])
-    if len(times):
-        lines += [f"Trial wall time: median {times['wall_time_s'].median():.0f} s, "
-                  f"training (without evaluation) median {times['train_time_s'].median():.0f} s.", ""]
-    return "\n".join(lines)
+def write_report(out: Path, settings: ReportSettings | None = None) -> Path:
+    """(Re)build every report file in OUT from its parquet files; returns OUT/report.md."""
+    from bench import plots, render
+    from bench.results import write_bytes_atomic, write_text_atomic
 
-
-def write_report(out: Path) -> Path:
-    evals = pd.read_parquet(out / "evals.parquet")
-    trials = pd.read_parquet(out / "trials.parquet")
-    path = out / "report.md"
-    path.write_text(render_markdown(evals, trials))
+    run = load_run(Path(out), settings)
+    summary = summarize(run)
+    configs = config_table(run)
+    figures = {"frontier": plots.frontier_figure(run, summary), "temperature": plots.temperature_figure(run, summary)}
+    images = {}
+    for name, fig in figures.items():
+        images[name] = plots.to_bytes(fig, "png")
+        write_bytes_atomic(run.out / f"{name}.png", images[name])
+        write_bytes_atomic(run.out / f"{name}.svg", plots.to_bytes(fig, "svg"))
+        plots.close(fig)
+    tables = render.tables(summary, configs)
+    write_text_atomic(run.out / "report.csv", render.summary_csv(summary))
+    write_text_atomic(run.out / "configs.csv", render.configs_csv(configs))
+    write_text_atomic(run.out / "report.tex", render.latex(summary, tables))
+    write_text_atomic(run.out / "report.html", render.html(summary, tables, images))
+    path = run.out / "report.md"
+    write_text_atomic(path, render.markdown(summary, tables))
     return path
+
+
+# ---- prefbench compare ------------------------------------------------------------------------------
+
+
+def _labels(outs: list[Path]) -> list[str]:
+    names = [p.resolve().name for p in outs]
+    return names if len(set(names)) == len(names) else [str(p) for p in outs]
+
+
+def compare(outs: list[Path], dest: Path | None = None) -> str:
+    """Several runs side by side: per algorithm and metric, each run's mean ± CI, and the difference
+    last − first (Welch's t over seeds). Returns the markdown; with `dest` also writes compare.md,
+    compare.csv and compare_frontier.png/.svg there."""
+    from bench import plots, render
+    from bench.results import write_bytes_atomic, write_text_atomic
+
+    runs = [load_run(p) for p in outs]
+    labels = _labels(outs)
+    summaries = [summarize(r) for r in runs]
+    budgets = sorted(set().union(*(r.settings.kl_budgets for r in runs)))
+    metrics = [(f"best_gold@{b:g}", f"best gold reward, KL ≤ {b:g}") for b in budgets]
+    metrics += [(f"area@{budgets[-1]:g}", f"area under front to {budgets[-1]:g} nats"),
+                ("win@T=1", "win rate at T=1 (chosen point)"), ("temp_spread", "temperature spread of win rate"),
+                ("train_time_s", "train time (s, all knob values)")]
+    algos = list(dict.fromkeys(a for s in summaries for a in s.algorithms))
+    rows = []
+    for algo in algos:
+        for key, label in metrics:
+            row = {"algorithm": algo, "metric": label, "key": key}
+            for name, s in zip(labels, summaries):
+                row[name] = s.metrics.get(algo, {}).get(key)
+                row[f"{name}:knob"] = s.knob_label(algo) if algo in s.metrics else "–"
+            if len(runs) >= 2:
+                first, last = (s.seeds[s.seeds["algorithm"] == algo] for s in (summaries[0], summaries[-1]))
+                have = key in first and key in last
+                row["diff"] = diff_ci(first[key], last[key], runs[0].settings.confidence) if have else None
+            if any(row[name] is not None and row[name].mean == row[name].mean for name in labels):
+                rows.append(row)
+    text = render.compare_markdown(labels, rows, runs)
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(dest / "compare.md", text)
+        write_text_atomic(dest / "compare.csv", render.compare_csv(labels, rows))
+        fig = plots.compare_figure(runs, summaries, labels)
+        for ext in ("png", "svg"):
+            write_bytes_atomic(dest / f"compare_frontier.{ext}", plots.to_bytes(fig, ext))
+        plots.close(fig)
+    return text
+
+
+def params_of(run: Run) -> list[tuple[str, str, str, dict]]:
+    """(trial_id, algorithm, status, params) of every trial, for the HTML's trial list."""
+    out = []
+    for r in run.trials.itertuples():
+        try:
+            params = json.loads(r.params) if isinstance(r.params, str) and r.params else {}
+        except json.JSONDecodeError:
+            params = {"unparsed": r.params}
+        out.append((r.trial_id, r.algorithm, r.status, params))
+    return out

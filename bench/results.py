@@ -36,6 +36,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
 def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gather every trial's rows from OUT/trials/<id>/ into the two parquet files."""
     eval_frames, trial_rows = [], []

@@ -86,17 +86,25 @@ def test_evaluation_rows_follow_the_schedule_and_the_kl_definition(run_dir):
 
 
 @pytest.mark.slow
-def test_report_table_and_report_command(run_dir):
+def test_report_table_and_report_command(run_dir, tmp_path):
+    from bench.report import REPORT_FILES
+
     out, _, _ = run_dir
     text = (out / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "=" in line.split("|")[2]]
-    # one row per (algorithm, knob value) in the main table: best-of-n has n = 1, 2, 4, 8
+    # one row per (algorithm, knob value) in the configuration table: best-of-n has n = 1, 2, 4, 8
     assert {r.split("|")[1].strip() for r in rows} >= {"dpo", "ipo", "ppo", "ppo-gt", "best-of-n", "unlikelihood"}
     assert "| sft | – |" in text and "| preferred-ft | – |" in text
-    assert "## Best point per algorithm" in text and "held-out pair accuracy" in text
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0
-    assert (out / "report.md").read_text() == text
+    for title in ("## Reward vs KL frontier", "## Temperature robustness", "## Cost and reward model"):
+        assert title in text
+    # `prefbench report` on a copy holding only the parquet files and config.yaml rebuilds every file
+    # exactly as the run wrote them
+    for name in ("evals.parquet", "trials.parquet", "config.yaml"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in REPORT_FILES:
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from bench.config import TrialSpec
-from bench.report import render_markdown, write_report
+from bench.report import write_report
 from bench.results import EVAL_COLUMNS, collect
 
 
@@ -44,8 +44,7 @@ def test_collect_marks_failures_and_report_aggregates_seeds(tmp_path):
         "dpo-a-seed0": "ok", "dpo-a-seed1": "ok", "dpo-b-seed0": "failed"}
     assert pd.read_parquet(tmp_path / "trials.parquet").equals(trials)
     text = write_report(tmp_path).read_text()
-    assert text == render_markdown(evals, trials)
-    # two seeds of beta=0.5: mean 0.7, standard error of the mean over seeds 0.1
-    assert "| dpo | beta=0.5 | 2 | 0.700 ± 0.100 |" in text
+    # two seeds of beta=0.5: mean 0.7, 95% CI t(0.975, 1) * 0.1414 / sqrt(2) = 12.706 * 0.1
+    assert "| dpo | beta=0.5 | 2 | 0.700 ± 1.271 |" in text
     assert "2/3 trials ok" in text
     assert "- `dpo-b-seed0`: RuntimeError: boom" in text

@@ -1,0 +1,172 @@
+"""The report's figures (matplotlib, headless): the reward-vs-KL frontier, temperature robustness, and
+several runs' frontiers side by side. Each returns a Figure; `to_bytes` renders it reproducibly (no
+date in the SVG, fixed element ids), so a report rebuilt from the same parquet files is identical.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from bench.frontier import gao_curve, mean_ci, pareto_front  # noqa: E402
+
+plt.rcParams.update({"svg.hashsalt": "prefbench", "font.size": 10, "axes.titlesize": 11})
+
+KL_LABEL = "KL(π ‖ π_ref) at T = 1  (nats per sequence)"
+GOLD_LABEL = "gold reward  (env's, mean per completion)"
+STYLES = ["-", "--", ":", "-."]
+
+
+def colors(algorithms: list[str]) -> dict[str, str]:
+    cmap = plt.get_cmap("tab10")
+    others = [a for a in algorithms if a != "sft"]
+    return {"sft": "black", **{a: cmap(i % 10) for i, a in enumerate(others)}}
+
+
+def aggregate_points(points: pd.DataFrame, level: float) -> pd.DataFrame:
+    """T = 1 points averaged over seeds per (algorithm, knob value, step), with CI half-widths."""
+    rows = []
+    for (algo, value, step), grp in points.groupby(["algorithm", "knob_value", "step"], dropna=False, sort=False):
+        kl, gold = mean_ci(grp["kl"], level), mean_ci(grp["gold_reward"], level)
+        rows.append({"algorithm": algo, "knob_value": value, "step": step, "kl": kl.mean, "gold": gold.mean,
+                     "kl_ci": kl.ci, "gold_ci": gold.ci, "seeds": kl.n})
+    return pd.DataFrame(rows)
+
+
+def _ci(values) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
+
+
+def _draw_front(ax, frame: pd.DataFrame, color, label: str, style: str = "-", bars: bool = True) -> None:
+    """The Pareto front of `frame`'s points, bold, its points joined by straight lines (the area in the
+    tables is the staircase under the same points: no reward between two points is claimed there)."""
+    front = frame.iloc[pareto_front(frame["kl"], frame["gold"])]
+    ax.errorbar(front["kl"], front["gold"], xerr=_ci(front["kl_ci"]) if bars else None,
+                yerr=_ci(front["gold_ci"]) if bars else None, color=color, lw=2.2, ls=style, marker="o", ms=4.5,
+                capsize=2, elinewidth=0.9, label=label, zorder=3)
+
+
+def frontier_figure(run, summary):
+    from bench.report import frontier_points
+
+    level = run.settings.confidence
+    agg = aggregate_points(frontier_points(run), level)
+    fig, ax = plt.subplots(figsize=(10, 5.8))
+    palette = colors(summary.algorithms or list(agg["algorithm"].unique()))
+    sft = agg[agg["algorithm"] == "sft"]
+    sft_gold = float(sft["gold"].mean()) if len(sft) else None
+    top = float(np.nanmax(agg["kl"])) if len(agg) else 1.0
+    for b in run.settings.kl_budgets:
+        if b <= top * 1.05:
+            ax.axvline(b, color="0.8", ls=":", lw=1, zorder=0)
+            ax.annotate(f"{b:g} nat{'s' * (b != 1)}", (b, 1.0), xycoords=("data", "axes fraction"), xytext=(-2, -10),
+                        textcoords="offset points", fontsize=8, color="0.45", ha="right")
+    for algo in palette:
+        a = agg[agg["algorithm"] == algo]
+        if not len(a):
+            continue
+        color = palette[algo]
+        if algo == "sft":
+            ax.errorbar(0.0, sft_gold, yerr=_ci(a["gold_ci"].iloc[:1]), color="black", marker="*", ms=13,
+                        capsize=3, ls="none", label="SFT (the reference)", zorder=4)
+            continue
+        for _, traj in a.groupby("knob_value", dropna=False, sort=False):
+            if len(traj) > 1:
+                ax.plot(traj["kl"], traj["gold"], color=color, alpha=0.25, lw=1, marker="o", ms=2.5, zorder=1)
+            else:
+                ax.plot(traj["kl"], traj["gold"], color=color, alpha=0.35, marker="o", ms=3, ls="none", zorder=1)
+        fit = summary.fits.get(algo)
+        label = algo
+        if fit is not None and np.isfinite(fit.alpha) and sft_gold is not None:
+            d = np.linspace(0.0, np.sqrt(max(float(a["kl"].max()), 1e-6)), 200)
+            ax.plot(d**2, sft_gold + gao_curve(d, fit.alpha, fit.beta, fit.form), color=color, ls="--", lw=1.1,
+                    alpha=0.85, zorder=2)
+            label = f"{algo}  (Gao {fit.form}: α={fit.alpha:.3f}, β={fit.beta:.3f})"
+        _draw_front(ax, a, color, label)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.4", alpha=0.35, lw=1, marker="o", ms=2.5),
+                Line2D([], [], color="0.4", ls="--", lw=1.1)]
+    labels += ["training trajectories (every evaluation)", "Gao et al. (2022) fit"]
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
+    ax.set_xlabel(KL_LABEL)
+    ax.set_ylabel(GOLD_LABEL)
+    ax.set_xlim(left=-0.03 * max(top, 1.0))
+    seeds = int(run.trials["seed"].nunique()) if len(run.trials) else 0
+    ax.set_title(f"Reward vs KL frontier — suite {run.suite}, env {run.env}, {seeds} seed{'s' * (seeds != 1)}; "
+                 f"bold: Pareto front, bars: {level:.0%} CI")
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    return fig
+
+
+def temperature_figure(run, summary):
+    fig, (ax_win, ax_gold) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
+    palette = colors(summary.algorithms)
+    temps = np.asarray(summary.temps, dtype=float)
+    for algo, est in summary.metrics.items():
+        if algo not in summary.chosen:
+            continue
+        value, kl, inside = summary.chosen[algo]
+        knob = summary.knob_label(algo)
+        where = "" if inside else f", over {run.settings.temperature_kl_budget:g} nats"
+        label = f"{algo} ({knob + '; ' if knob != '–' else ''}KL {kl:.1f}{where})" if algo != "sft" else "SFT (the reference)"
+        for ax, key in ((ax_win, "win"), (ax_gold, "gold")):
+            ys = [est.get(f"{key}@T={t:g}") for t in temps]
+            ax.errorbar(temps, [y.mean if y else np.nan for y in ys], yerr=_ci([y.ci if y else np.nan for y in ys]),
+                        color=palette[algo], marker="o", ms=4, lw=1.8, capsize=2.5, label=label,
+                        ls="--" if algo == "sft" else "-")
+    ax_win.axhline(0.5, color="0.6", lw=0.8, ls=":")
+    ax_win.set_ylabel("win rate vs the env's reference completions\n(judged by the gold reward; ties count ½)")
+    ax_gold.set_ylabel(GOLD_LABEL)
+    for ax in (ax_win, ax_gold):
+        ax.set_xlabel("sampling temperature T")
+        ax.grid(alpha=0.25)
+    ax_gold.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8.5, frameon=False)
+    fig.suptitle(f"Temperature robustness — each algorithm's best final point with KL ≤ "
+                 f"{run.settings.temperature_kl_budget:g} nats (suite {run.suite}, env {run.env}); bars: "
+                 f"{run.settings.confidence:.0%} CI", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def compare_figure(runs, summaries, labels: list[str]):
+    from bench.report import frontier_points
+
+    fig, ax = plt.subplots(figsize=(10, 5.8))
+    palette = colors(list(dict.fromkeys(a for s in summaries for a in s.algorithms)))
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        agg = aggregate_points(frontier_points(run), run.settings.confidence)
+        for algo, color in palette.items():
+            a = agg[agg["algorithm"] == algo]
+            if not len(a):
+                continue
+            if algo == "sft":
+                ax.plot(0.0, a["gold"].mean(), marker="*", ms=12, color="black", alpha=1 - 0.3 * i, ls="none",
+                        label=f"SFT — {label}")
+            else:
+                _draw_front(ax, a, color, f"{algo} — {label}", style=STYLES[i % len(STYLES)])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
+    ax.set_xlabel(KL_LABEL)
+    ax.set_ylabel(GOLD_LABEL)
+    ax.set_title("Pareto fronts side by side (line style: run; bars: CI over seeds)")
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    return fig
+
+
+def to_bytes(fig, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    metadata = {"Date": None} if fmt == "svg" else {}
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight", metadata=metadata)
+    return buf.getvalue()
+
+
+def close(fig) -> None:
+    plt.close(fig)
