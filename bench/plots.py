@@ -37,7 +37,7 @@ def aggregate_points(points: pd.DataFrame, level: float) -> pd.DataFrame:
         kl, gold = mean_ci(grp["kl"], level), mean_ci(grp["gold_reward"], level)
         rows.append({"algorithm": algo, "knob_value": value, "step": step, "kl": kl.mean, "gold": gold.mean,
                      "kl_ci": kl.ci, "gold_ci": gold.ci, "seeds": kl.n})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["algorithm", "knob_value", "step", "kl", "gold", "kl_ci", "gold_ci", "seeds"])
 
 
 def _ci(values) -> np.ndarray:
@@ -59,7 +59,7 @@ def frontier_figure(run, summary):
     level = run.settings.confidence
     agg = aggregate_points(frontier_points(run), level)
     fig, ax = plt.subplots(figsize=(10, 5.8))
-    palette = colors(summary.algorithms or list(agg["algorithm"].unique()))
+    palette = colors(summary.algorithms)
     sft = agg[agg["algorithm"] == "sft"]
     sft_gold = float(sft["gold"].mean()) if len(sft) else None
     top = float(np.nanmax(agg["kl"])) if len(agg) else 1.0

@@ -55,6 +55,11 @@ class Run:
         return str(frame["env"].iloc[0]) if len(frame) else "?"
 
 
+_EVAL_NUMBERS = ("seed", "knob_value", "step", "temperature", "gold_reward", "gold_reward_se", "kl", "kl_se", "kl_k3",
+                 "kl_k3_se", "win_rate", "win_rate_se", "gen_len", "train_time_s", "wall_time_s")
+_TRIAL_NUMBERS = ("seed", "knob_value", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy")
+
+
 def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
     """Read OUT's parquet files; settings: given, else OUT/config.yaml's `report:`, else the defaults."""
     out = Path(out)
@@ -67,6 +72,11 @@ def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
     missing = {"algorithm", "trial_id", "seed", "knob_value", "step", "final", "temperature", "gold_reward", "kl"} - set(evals.columns)
     if missing or not {"trial_id", "status"} <= set(trials.columns):
         raise ReportError(f"{out}: evals.parquet/trials.parquet lack prefbench's columns ({', '.join(sorted(missing)) or 'status'})")
+    for frame, cols in ((evals, _EVAL_NUMBERS), (trials, _TRIAL_NUMBERS)):
+        for col in cols:
+            if col in frame:
+                frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    evals["final"] = evals["final"].astype(bool)
     config_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
     if settings is None:
         saved = (yaml.safe_load(config_text) or {}).get("report") if config_text else None
