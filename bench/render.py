@@ -192,7 +192,7 @@ def configs_csv(configs: pd.DataFrame) -> str:
 _TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≤": r"$\le$",
         "π": r"$\pi$", "‖": r"$\|$", "α": r"$\alpha$", "β": r"$\beta$", "·": r"$\cdot$", "−": "-", "–": "--",
-        "²": r"$^2$", "√": r"$\sqrt{}$", "½": r"$\frac{1}{2}$", "×": r"$\times$", "→": r"$\to$"}
+        "²": r"$^2$", "√": r"$\surd$", "½": r"$\frac{1}{2}$", "×": r"$\times$", "→": r"$\to$"}
 
 
 def tex_escape(text: str) -> str:
