@@ -110,18 +110,27 @@ def temperature_figure(run, summary):
     fig, (ax_win, ax_gold) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True)
     palette = colors(summary.algorithms)
     temps = np.asarray(summary.temps, dtype=float)
-    for algo, est in summary.metrics.items():
-        if algo not in summary.chosen:
-            continue
+    shown = [a for a in summary.metrics if a in summary.chosen]
+    for i, algo in enumerate(shown):
+        est = summary.metrics[algo]
+        dodge = (i - (len(shown) - 1) / 2) * 0.01  # side by side, so that the CI bars stay apart
         value, kl, inside = summary.chosen[algo]
         knob = summary.knob_label(algo)
         where = "" if inside else f", over {run.settings.temperature_kl_budget:g} nats"
         label = f"{algo} ({knob + '; ' if knob != '–' else ''}KL {kl:.1f}{where})" if algo != "sft" else "SFT (the reference)"
         for ax, key in ((ax_win, "win"), (ax_gold, "gold")):
             ys = [est.get(f"{key}@T={t:g}") for t in temps]
-            ax.errorbar(temps, [y.mean if y else np.nan for y in ys], yerr=_ci([y.ci if y else np.nan for y in ys]),
+            ax.errorbar(temps + dodge, [y.mean if y else np.nan for y in ys], yerr=_ci([y.ci if y else np.nan for y in ys]),
                         color=palette[algo], marker="o", ms=4, lw=1.8, capsize=2.5, label=label,
                         ls="--" if algo == "sft" else "-")
+    # A 95% t interval over 3 seeds can reach past what a rate can be: the axes show the possible range
+    # (win rate [0, 1]; gold around the means) and cut such bars; report.csv has their ends.
+    ax_win.set_ylim(-0.02, 1.02)
+    means = [e.mean for est in summary.metrics.values() for k, e in est.items() if k.startswith("gold@T=")]
+    means = [m for m in means if m == m]
+    if means:
+        pad = 0.15 * max(max(means) - min(means), 0.05)
+        ax_gold.set_ylim(min(means) - pad, max(means) + pad)
     ax_win.axhline(0.5, color="0.6", lw=0.8, ls=":")
     ax_win.set_ylabel("win rate vs the env's reference completions\n(judged by the gold reward; ties count ½)")
     ax_gold.set_ylabel(GOLD_LABEL)
