@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from bench.config import ConfigError, ReportSettings, build_dataclass
-from bench.frontier import Estimate, GaoFit, area_under_front, best_within, diff_ci, fit_gao, mean_ci, pareto_front
+from bench.frontier import Estimate, GaoFit, area_under_front, best_within, diff_ci, fit_gao, mean_ci
 
 
 class ReportError(Exception):
