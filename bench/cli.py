@@ -68,12 +68,11 @@ def _report_settings(args):
     import dataclasses
 
     from bench.config import ConfigError, ReportSettings, build_dataclass
-    from bench.report import load_run
+    from bench.report import saved_settings
 
     if args.kl_budgets is None and args.temperature_kl_budget is None:
         return None
-    saved = load_run(Path(args.out)).settings
-    changes = dataclasses.asdict(saved)
+    changes = dataclasses.asdict(saved_settings(Path(args.out)))
     if args.kl_budgets is not None:
         try:
             changes["kl_budgets"] = [float(b) for b in args.kl_budgets.split(",") if b.strip()]

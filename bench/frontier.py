@@ -137,14 +137,6 @@ class Estimate:
     n: int  # independent values (seeds) behind it
     kind: str  # "t" (Student t over seeds), "se" (normal on one evaluation's standard error), "none"
 
-    @property
-    def low(self) -> float:
-        return self.mean - self.ci
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.ci
-
 
 def mean_ci(values, level: float = 0.95, se: float | None = None) -> Estimate:
     """Mean of per-seed `values` with a two-sided Student-t interval at `level`.

@@ -44,20 +44,17 @@ def _ci(values) -> np.ndarray:
     return np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
 
 
-def _draw_front(ax, frame: pd.DataFrame, color, label: str, style: str = "-", bars: bool = True) -> None:
+def _draw_front(ax, frame: pd.DataFrame, color, label: str, style: str = "-") -> None:
     """The Pareto front of `frame`'s points, bold, its points joined by straight lines (the area in the
     tables is the staircase under the same points: no reward between two points is claimed there)."""
     front = frame.iloc[pareto_front(frame["kl"], frame["gold"])]
-    ax.errorbar(front["kl"], front["gold"], xerr=_ci(front["kl_ci"]) if bars else None,
-                yerr=_ci(front["gold_ci"]) if bars else None, color=color, lw=2.2, ls=style, marker="o", ms=4.5,
+    ax.errorbar(front["kl"], front["gold"], xerr=_ci(front["kl_ci"]), yerr=_ci(front["gold_ci"]), color=color, lw=2.2, ls=style, marker="o", ms=4.5,
                 capsize=2, elinewidth=0.9, label=label, zorder=3)
 
 
 def frontier_figure(run, summary):
-    from bench.report import frontier_points
-
     level = run.settings.confidence
-    agg = aggregate_points(frontier_points(run), level)
+    agg = aggregate_points(summary.points, level)
     fig, ax = plt.subplots(figsize=(10, 5.8))
     palette = colors(summary.algorithms)
     sft = agg[agg["algorithm"] == "sft"]
@@ -146,12 +143,10 @@ def temperature_figure(run, summary):
 
 
 def compare_figure(runs, summaries, labels: list[str]):
-    from bench.report import frontier_points
-
     fig, ax = plt.subplots(figsize=(10, 5.8))
     palette = colors(list(dict.fromkeys(a for s in summaries for a in s.algorithms)))
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        agg = aggregate_points(frontier_points(run), run.settings.confidence)
+    for i, (run, summary, label) in enumerate(zip(runs, summaries, labels)):
+        agg = aggregate_points(summary.points, run.settings.confidence)
         for algo, color in palette.items():
             a = agg[agg["algorithm"] == algo]
             if not len(a):

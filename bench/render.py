@@ -159,7 +159,7 @@ def markdown(summary, tables_: list[Table]) -> str:
 
 
 def summary_csv(summary) -> str:
-    """One row per algorithm: every metric's mean, CI half-width and low/high ends."""
+    """One row per algorithm: every metric's mean, CI half-width and number of seeds behind it."""
     rows = []
     for algo, metrics in summary.metrics.items():
         row = {"suite": summary.run.suite, "env": summary.run.env, "algorithm": algo,

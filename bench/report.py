@@ -78,13 +78,18 @@ def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
                 frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     evals["final"] = evals["final"].astype(bool)
     config_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
-    if settings is None:
-        saved = (yaml.safe_load(config_text) or {}).get("report") if config_text else None
-        try:
-            settings = build_dataclass(ReportSettings, saved or {}, "report")
-        except ConfigError as e:
-            raise ReportError(f"{out}/config.yaml: {e}") from None
-    return Run(out, evals, trials, settings, config_text)
+    return Run(out, evals, trials, settings or saved_settings(out, config_text), config_text)
+
+
+def saved_settings(out: Path, config_text: str | None = None) -> ReportSettings:
+    """The `report:` settings of OUT/config.yaml (the defaults where it has none)."""
+    if config_text is None:
+        config_text = (Path(out) / "config.yaml").read_text() if (Path(out) / "config.yaml").is_file() else ""
+    saved = (yaml.safe_load(config_text) or {}).get("report") if config_text else None
+    try:
+        return build_dataclass(ReportSettings, saved or {}, "report")
+    except ConfigError as e:
+        raise ReportError(f"{out}/config.yaml: {e}") from None
 
 
 # ---- per-seed numbers -------------------------------------------------------------------------------
@@ -123,9 +128,9 @@ def configurations(run: Run) -> pd.DataFrame:
     return ev[ev["final"].astype(bool)]
 
 
-def chosen_knobs(run: Run) -> dict[str, tuple[float, float, bool]]:
-    """Per algorithm: (knob value, mean KL at T=1, within budget) of its temperature-plot point."""
-    final = configurations(run)
+def chosen_knobs(run: Run, final: pd.DataFrame) -> dict[str, tuple[float, float, bool]]:
+    """Per algorithm: (knob value, mean KL at T=1, within budget) of its temperature-plot point, from
+    the final evaluations `final` (`configurations(run)`)."""
     t1 = final[final["temperature"] == 1.0]
     budget = run.settings.temperature_kl_budget
     chosen = {}
@@ -144,14 +149,12 @@ def chosen_knobs(run: Run) -> dict[str, tuple[float, float, bool]]:
     return chosen
 
 
-def per_seed(run: Run) -> pd.DataFrame:
-    """One row per (algorithm, seed): every number the tables summarise, before averaging over seeds."""
+def per_seed(run: Run, points: pd.DataFrame, final: pd.DataFrame, chosen: dict) -> pd.DataFrame:
+    """One row per (algorithm, seed): every number the tables summarise, before averaging over seeds.
+    `points`, `final`, `chosen`: frontier_points(run), configurations(run), chosen_knobs(run, final)."""
     s = run.settings
-    points = frontier_points(run)
     sft_gold = _sft_gold(points)
-    final = configurations(run)
     temps = sorted(final["temperature"].unique())
-    chosen = chosen_knobs(run)
     trials = run.trials
     rows = []
     for algo in _order(run):
@@ -198,7 +201,8 @@ class Summary:
     """Per algorithm, each metric as an Estimate over seeds; what every table and the CSV show."""
 
     run: Run
-    seeds: pd.DataFrame  # per_seed(run)
+    points: pd.DataFrame  # frontier_points(run): what the frontier plot draws
+    seeds: pd.DataFrame  # per_seed(...)
     metrics: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # algorithm → metric → Estimate
     chosen: dict[str, tuple[float, float, bool]] = field(default_factory=dict)
     temps: list[float] = field(default_factory=list)
@@ -215,13 +219,13 @@ class Summary:
 
 
 def summarize(run: Run) -> Summary:
-    seeds = per_seed(run)
+    points, final = frontier_points(run), configurations(run)
+    chosen = chosen_knobs(run, final)
+    seeds = per_seed(run, points, final, chosen)
     level = run.settings.confidence
-    final = configurations(run)
-    summary = Summary(run, seeds, chosen=chosen_knobs(run), temps=[float(t) for t in sorted(final["temperature"].unique())])
+    summary = Summary(run, points, seeds, chosen=chosen, temps=[float(t) for t in sorted(final["temperature"].unique())])
     if not len(seeds):
         return summary
-    points = frontier_points(run)
     sft_gold = _sft_gold(points)
     value_cols = [c for c in seeds.columns if c not in ("algorithm", "seed", "gao_form", "trials") and not c.endswith("_se")]
     for algo, grp in seeds.groupby("algorithm", sort=False):
