@@ -133,6 +133,17 @@ def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
         raise UserError(f"{where} has no train prompts; check env.params")
 
 
+def check_env_reachable(suite: SuiteConfig) -> None:
+    """Every model and dataset the env names can be loaded here (hub or local files), before Ray starts."""
+    from envs.base import preflight
+    from envs.hub import Unavailable
+
+    try:
+        preflight(ENVS.get(suite.env.name), env_params(suite))
+    except Unavailable as e:
+        raise UserError(str(e)) from None
+
+
 def run(
     suite_path: str | None, overrides: list[str], out: str | None, address: str | None, resume: bool = False
 ) -> tuple[Path, int]:
@@ -143,6 +154,7 @@ def run(
     """
     suite = load_suite(suite_path, overrides)  # ConfigError before anything starts
     trials = expand_trials(suite)
+    check_env_reachable(suite)
     out_dir = Path(out) if out else default_out(suite)
     if resume:
         if out is None:

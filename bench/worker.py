@@ -30,7 +30,7 @@ from bench.config import DeepSpeedSettings, SuiteConfig, TrialSpec, build_datacl
 from bench.evaluate import EvalSet, best_of_n_stats, concat_stats, sample_stats, summarize
 from bench.results import write_text_atomic
 from envs import ENVS
-from envs.base import load_env_data
+from envs.base import gold_fn, load_env_data
 
 Report = Callable[..., None]  # report(metrics, checkpoint=None): checkpoint is a local directory to persist
 REFERENCE_EVAL_FORMAT = 2  # part of the cache key of reference evaluations: bump when the evaluator changes
@@ -299,10 +299,11 @@ def run_trial(payload: dict, report: Report) -> None:
     n_eval = min(ev.num_prompts, len(data.eval_prompts))
     if data.references["prompt"].tolist()[:n_eval] != data.eval_prompts[:n_eval]:
         raise ValueError(f"env {env.name}: references.parquet is not aligned with the eval prompts")
+    gold = gold_fn(env, env_params(suite), workdir)
     evalset = EvalSet(
         prompts=data.eval_prompts[:n_eval],
         reference_gold=data.references["gold"].to_numpy()[:n_eval],
-        gold=env.gold,
+        gold=gold,
     )
     reference = env.load_policy(workdir, "sft").freeze()
     reference.model.to(device)
@@ -427,7 +428,7 @@ def run_trial(payload: dict, report: Report) -> None:
     ctx = TrainContext(
         policy=policy, reference=reference, params=params, train=train, data=data,
         optimize=step_policy if optimize else _no_optimizer, evaluate=evaluate, log=log,
-        gold=env.gold if "gold" in algo.needs else None, reward_model=reward_model, critic=critic,
+        gold=gold if "gold" in algo.needs else None, reward_model=reward_model, critic=critic,
         seed=spec.seed, rank=rank, world_size=world, max_new_tokens=ev.max_new_tokens,
         mean_over_ranks=lambda m: _mean_over_ranks(m, world),
         start_step=resume["step"] if resume else 0, state=dict(resume["algorithm_state"]) if resume else {},

@@ -14,6 +14,15 @@ An env is an object with these members (a Protocol, no base class):
 - `gold(prompts, completions) -> np.ndarray`: the gold reward, a float per completion, higher is
   better; never used for training except by algorithms that declare needs={"gold"}.
 
+Optional members:
+- `gold_for(params, workdir) -> Callable[[prompts, completions], np.ndarray]`: the gold reward
+  bound to the env's params and prepared workdir, for envs whose gold needs them (a classifier
+  named in params, each prompt's human reference). bench calls `gold_fn`, which falls back to `gold`.
+- `preflight(params) -> None`: checks, in the driver before Ray starts, that every model and
+  dataset the env names can be loaded here (`envs.hub.require_model` / `require_dataset`); raises
+  `envs.hub.Unavailable` with one line otherwise (exit 2).
+- `version: int`: part of the cache key; bump it when what build/SFT/finish produce changes.
+
 bench runs build → SFT (a Ray Train job with DeepSpeed) → finish once per (env params, seed),
 cached by content hash, and hands algorithms an `EnvData` read by `load_env_data`.
 """
@@ -41,6 +50,19 @@ class Env(Protocol):
     def load_policy(self, workdir: Path, stage: str) -> Policy: ...
     def finish(self, sft: Policy, params, seed: int, workdir: Path) -> None: ...
     def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...
+
+
+def gold_fn(env: Env, params, workdir: Path) -> Callable[[list[str], list[str]], np.ndarray]:
+    """The env's gold reward for a prepared workdir: `env.gold_for(params, workdir)` or `env.gold`."""
+    bind = getattr(env, "gold_for", None)
+    return bind(params, workdir) if bind is not None else env.gold
+
+
+def preflight(env: Env, params) -> None:
+    """Raise envs.hub.Unavailable (one line) when a model or dataset the env names is out of reach."""
+    check = getattr(env, "preflight", None)
+    if check is not None:
+        check(params)
 
 
 def pairs_from_samples(
