@@ -74,13 +74,16 @@ def pairs_from_samples(
     max_new_tokens: int,
     min_gap: float,
     seed: int,
+    batch_size: int = 512,
 ) -> pd.DataFrame:
     """The paper's recipe: k SFT samples per prompt at T = 1, every pair ranked by the gold reward.
 
     All k(k-1)/2 pairs per prompt whose gold gap is at least `min_gap` are kept, the higher-reward
     completion as `chosen`. Columns: prompt, chosen, rejected, chosen_gold, rejected_gold.
     """
-    roll = sft.generate(prompts, n=samples_per_prompt, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    roll = sft.generate(
+        prompts, n=samples_per_prompt, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
+    )
     scores = gold(roll.prompts, roll.completions)
     rows = []
     for p in range(len(prompts)):
@@ -100,9 +103,10 @@ def references_from_samples(
     *,
     max_new_tokens: int,
     seed: int,
+    batch_size: int = 512,
 ) -> pd.DataFrame:
     """One SFT sample per eval prompt at T = 1: the baseline win rates are measured against."""
-    roll = sft.generate(prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    roll = sft.generate(prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     return pd.DataFrame(
         {"prompt": roll.prompts, "completion": roll.completions, "gold": gold(roll.prompts, roll.completions)}
     )
