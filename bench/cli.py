@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --out (same suite and --set): finished trials are kept, "
                         "the others restart from their last checkpoint")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate the suite and print its trial plan and resources; start nothing, write nothing")
     sub.add_parser("list", help="list the registered algorithms and envs")
     rep = sub.add_parser("report", help="rebuild OUT's report (tables, plots, HTML) from OUT/*.parquet")
     rep.add_argument("out", help="a run's output directory")
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_perf(numbers))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(numbers, indent=2))
+        elif args.command == "run" and args.dry_run:
+            from bench.run import plan
+
+            print(plan(args.suite, args.overrides, args.address))
         elif args.command == "run":
             from bench.run import run
 

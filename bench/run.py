@@ -133,6 +133,54 @@ def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
         raise UserError(f"{where} has no train prompts; check env.params")
 
 
+def plan(suite_path: str | None, overrides: list[str], address: str | None = None) -> str:
+    """`prefbench run --dry-run`: the validated suite's trial plan and the resources it asks for; runs nothing.
+
+    Starts neither Ray nor an env, loads no model and touches no hub: a suite meant for a GPU
+    cluster validates on a laptop. Cached env and reward-model stages are reported as such.
+    """
+    from algorithms import ALGORITHMS
+
+    suite = load_suite(suite_path, overrides)
+    trials = expand_trials(suite)
+    seeds = sorted({t.seed for t in trials})
+    sc, ds, ev = suite.scaling, suite.deepspeed, suite.eval
+    rm_users = sorted({a.name for a in suite.algorithms if "reward_model" in ALGORITHMS.get(a.name).needs})
+    lines = [f"suite {suite.name}: env {suite.env.name}, seeds {seeds}, {len(trials)} trials",
+             f"env params: {json.dumps(dataclasses.asdict(env_params(suite)))}", "stages (once per seed, cached):"]
+    for seed in seeds:
+        env_dir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+        lines.append(f"  env {suite.env.name} seed {seed}: {'cached' if (env_dir / 'DONE').exists() else 'to build'}")
+        if rm_users:
+            rm_dir = cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
+            state = "cached" if (rm_dir / "DONE").exists() else "to train"
+            lines.append(f"  reward model seed {seed}: {state} (for {', '.join(rm_users)})")
+    lines.append("trials:")
+    width = max(len(t.trial_id) for t in trials)
+    for t in trials:
+        knob = f"{t.knob}={t.knob_value:g}" if t.knob and t.knob_value is not None else "-"
+        steps = f"{t.train['steps']} steps x {t.train['batch_size']}" if ALGORITHMS.get(t.algorithm).trains_policy \
+            else "no training"
+        lines.append(f"  {t.trial_id:{width}s}  {t.algorithm:14s} {knob:16s} seed {t.seed}  {steps}")
+    worker = sc.worker_resources()
+    concurrent = min(sc.max_concurrent_trials, len(trials))
+    peak = {k: v * sc.num_workers * concurrent for k, v in worker.items()}
+    peak["CPU"] = peak.get("CPU", 0) + concurrent  # each Tune trial's driver holds 1 CPU
+    lines += [
+        "resources:",
+        f"  Ray: {'cluster at ' + address if address else 'embedded (ray.init on this machine)'}",
+        f"  per trial: {sc.num_workers} worker(s) x {json.dumps(worker)} + 1 CPU for its Tune driver; "
+        f"{concurrent} trial(s) at once -> {json.dumps(peak)}",
+        f"  DeepSpeed: ZeRO-{ds.zero_stage}, {'bf16' if ds.bf16 else 'fp32'}"
+        + (", optimizer offload" if ds.offload_optimizer else "") + (", param offload" if ds.offload_param else ""),
+        f"  evaluation: {ev.num_prompts} prompts x {ev.samples_per_prompt} samples x <= {ev.max_new_tokens} tokens "
+        f"at T = {', '.join(f'{t:g}' for t in ev.temperatures)}",
+        f"  cache: {cache_root(suite)}",
+        "dry run: nothing was started or written",
+    ]
+    return "\n".join(lines)
+
+
 def check_env_reachable(suite: SuiteConfig) -> None:
     """Every model and dataset the env names can be loaded here (hub or local files), before Ray starts."""
     from envs.base import preflight

@@ -142,7 +142,10 @@ class SmolSentiment:
         tokenizer = AutoTokenizer.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
         if tokenizer_only:
             return tokenizer
-        model = AutoModelForCausalLM.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
+        gguf = AutoModelForCausalLM.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
+        # the same weights in a plain model: transformers refuses to save one marked as GGUF-quantised
+        model = type(gguf)(gguf.config)
+        model.load_state_dict(gguf.state_dict())
         return Policy(model, tokenizer)
 
     def finish(self, sft: Policy, params: SmolSentimentParams, seed: int, workdir: Path) -> None:

@@ -55,3 +55,40 @@ def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path):
     fresh = _run("--out", str(out), "--set", "train.steps=10")  # not empty, a prefbench run: suggest --resume
     assert fresh.returncode == 2 and "add --resume to continue it" in fresh.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # nothing touched
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
+    out = tmp_path / "never"
+    code = (
+        "import sys; from bench.cli import main; "
+        f"rc = main(['run', '--dry-run', '--out', {str(out)!r}, '--set', 'seeds=[0,1]', '--set', "
+        "'cache_dir=' + sys.argv[1]]); "
+        "assert 'ray' not in sys.modules and 'deepspeed' not in sys.modules, 'dry run imported Ray/DeepSpeed'; "
+        "sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("suite quick: env tiny-sentiment, seeds [0, 1], ")
+    n_trials = int(lines[0].rsplit(", ", 1)[1].split()[0])
+    trial_lines = lines[lines.index("trials:") + 1 : lines.index("resources:")]
+    assert len(trial_lines) == n_trials == 2 * 17  # (1 SFT + 16 quick-suite trials) x 2 seeds
+    assert any("dpo-beta=0.5-seed1" in line and "150 steps x 32" in line for line in trial_lines)
+    assert "  env tiny-sentiment seed 1: to build" in lines
+    assert "  reward model seed 0: to train (for best-of-n, ppo)" in lines
+    assert any(line.startswith("  per trial: 1 worker(s) x {\"CPU\": 1.0}") for line in lines)
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_dry_run_still_validates_the_suite():
+    bad = _run("--dry-run", "--set", "train.steps=-1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "prefbench: error: train.steps: must be an integer >= 1"
+
+
+def test_paper_suites_validate_with_dry_run():
+    for suite in ("smol.yaml", "smol-quick.yaml", "paper-imdb.yaml", "paper-tldr.yaml"):
+        proc = _run(f"bench/suites/{suite}", "--dry-run")
+        assert proc.returncode == 0, (suite, proc.stderr[-2000:])
+        assert proc.stdout.splitlines()[-1] == "dry run: nothing was started or written"
