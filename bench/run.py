@@ -49,7 +49,11 @@ def _build_cached(workdir: Path, build, label: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built stage left in the cache
+        raise
     (tmp / "DONE").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "prefbench": __version__}))
     if workdir.exists():  # another run finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
@@ -68,7 +72,10 @@ def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | 
 
     def build(tmp: Path) -> None:
         say(f"[prefbench] {label}: building data, tokenizer and initial model")
-        env.build(env_params(suite), seed, tmp)
+        try:
+            env.build(env_params(suite), seed, tmp)
+        except ValueError as e:  # a data problem the env states in one line (empty dataset, missing split)
+            raise UserError(str(e)) from None
         say(f"[prefbench] {label}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
         ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
 

@@ -4,7 +4,9 @@ An env is an object with these members (a Protocol, no base class):
 
 - `name: str`, `params_cls` (a dataclass with defaults; `__post_init__` raises ParamError).
 - `build(params, seed, workdir)`: the cheap, deterministic part (data, tokenizer, the initial
-  model) written under `workdir`. Runs in the driver process.
+  model) written under `workdir`. Runs in the driver process. A problem with the data (empty
+  dataset, missing split or column, too few examples) raises ValueError with one line naming
+  the dataset and the env param; `prefbench run` prints it and exits 2.
 - `sft_corpus(params, workdir) -> list[str] | None`: texts the SFT stage trains on (whole texts,
   BOS + text + EOS), or None when the initial policy already is the SFT policy.
 - `sft_settings(params) -> TrainSettings`: optimisation of the SFT stage.
