@@ -82,7 +82,7 @@ class SmolSentimentParams:
 class SmolSentiment:
     name = "smol-sentiment"
     params_cls = SmolSentimentParams
-    version = 1  # part of the cache key: bump when what build/finish produce changes
+    version = 2  # part of the cache key: bump when what build/finish produce changes
 
     @cached_property
     def _vader(self):
@@ -143,8 +143,12 @@ class SmolSentiment:
         if tokenizer_only:
             return tokenizer
         gguf = AutoModelForCausalLM.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
-        # the same weights in a plain model: transformers refuses to save one marked as GGUF-quantised
-        model = type(gguf)(gguf.config)
+        # the same (dequantised) weights in a plain model: transformers refuses to save one whose
+        # config still says it came from a GGUF file, and so would every later stage that saves it
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(gguf)(config)
         model.load_state_dict(gguf.state_dict())
         return Policy(model, tokenizer)
 

@@ -6,6 +6,7 @@ Needs the `smol` extra (.ci/run installs it); without it these tests skip here a
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -73,11 +74,11 @@ def test_the_gguf_model_is_saved_and_reloaded_as_a_plain_hf_model(smol, tmp_path
     a = policy.generate(["This movie was"], temperature=0, max_new_tokens=8)
     b = again.generate(["This movie was"], temperature=0, max_new_tokens=8)
     assert a.completion_ids == b.completion_ids and len(a.completion_ids[0]) > 0
+    assert "quantization_config" not in json.loads((tmp_path / "sft" / "config.json").read_text())
+    again.save_pretrained(tmp_path / "again")  # every later stage (reward model, trials) saves it again
 
 
 def test_build_is_deterministic_per_seed(smol, tmp_path):
-    import json
-
     env, params, workdir, _ = smol
     env.build(params, 0, tmp_path)
     assert json.loads((tmp_path / "prompts.json").read_text()) == json.loads((workdir / "prompts.json").read_text())
