@@ -31,7 +31,9 @@ cached by content hash, and hands algorithms an `EnvData` read by `load_env_data
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -112,6 +114,43 @@ def references_from_samples(
     return pd.DataFrame(
         {"prompt": roll.prompts, "completion": roll.completions, "gold": gold(roll.prompts, roll.completions)}
     )
+
+
+def finish_from_samples(
+    sft: Policy,
+    workdir: Path,
+    gold: Callable[[list[str], list[str]], np.ndarray],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    min_gap: float,
+    seed: int,
+    batch_size: int = 512,
+) -> None:
+    """`finish` for an env whose `build` wrote prompts.json ({"train": [...], "eval": [...]}): pairs
+    from the SFT policy's samples of the train prompts, one reference completion per eval prompt."""
+    prompts = json.loads((workdir / "prompts.json").read_text())
+    pairs = pairs_from_samples(
+        sft, prompts["train"], gold, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+        min_gap=min_gap, seed=seed * 1000 + 2, batch_size=batch_size,
+    )
+    refs = references_from_samples(
+        sft, prompts["eval"], gold, max_new_tokens=max_new_tokens, seed=seed * 1000 + 3, batch_size=batch_size
+    )
+    write_env_data(workdir, train_prompts=prompts["train"], eval_prompts=prompts["eval"], pairs=pairs, references=refs)
+
+
+@functools.cache
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_gold(prompts: list[str], completions: list[str]) -> np.ndarray:
+    """VADER's compound score of prompt + completion, mapped from [-1, 1] to [0, 1] (the sentiment envs' gold)."""
+    score = _vader().polarity_scores
+    return np.array([(score(f"{p} {c}")["compound"] + 1) / 2 for p, c in zip(prompts, completions)])
 
 
 def write_env_data(

@@ -28,7 +28,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import pairs_from_samples, references_from_samples, write_env_data
+from envs.base import finish_from_samples
 from envs.hub import Unavailable, load_split, require_dataset, require_model
 
 BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -249,16 +249,10 @@ class Imdb:
         return Policy.from_pretrained(workdir / stage)
 
     def finish(self, sft: Policy, params: ImdbParams, seed: int, workdir: Path) -> None:
-        prompts = json.loads((workdir / "prompts.json").read_text())
-        gold = self.gold_for(params, workdir)
-        pairs = pairs_from_samples(
-            sft, prompts["train"], gold, samples_per_prompt=params.samples_per_prompt,
-            max_new_tokens=params.max_new_tokens, min_gap=params.min_gold_gap, seed=seed * 1000 + 2,
+        finish_from_samples(
+            sft, workdir, self.gold_for(params, workdir), samples_per_prompt=params.samples_per_prompt,
+            max_new_tokens=params.max_new_tokens, min_gap=params.min_gold_gap, seed=seed,
         )
-        refs = references_from_samples(
-            sft, prompts["eval"], gold, max_new_tokens=params.max_new_tokens, seed=seed * 1000 + 3
-        )
-        write_env_data(workdir, train_prompts=prompts["train"], eval_prompts=prompts["eval"], pairs=pairs, references=refs)
 
 
 ENVS.register(Imdb())

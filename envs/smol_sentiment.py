@@ -20,7 +20,6 @@ import importlib.util
 import itertools
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import pairs_from_samples, references_from_samples, write_env_data
+from envs.base import finish_from_samples, vader_gold
 from envs.hub import Unavailable
 
 DETERMINERS = ["The", "This", "That"]
@@ -84,16 +83,9 @@ class SmolSentiment:
     params_cls = SmolSentimentParams
     version = 2  # part of the cache key: bump when what build/finish produce changes
 
-    @cached_property
-    def _vader(self):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        return SentimentIntensityAnalyzer()
-
     def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """VADER compound of prompt + completion, mapped from [-1, 1] to [0, 1]."""
-        score = self._vader.polarity_scores
-        return np.array([(score(f"{p} {c}")["compound"] + 1) / 2 for p, c in zip(prompts, completions)])
+        return vader_gold(prompts, completions)
 
     # ------------------------------------------------------------------------------ stages
     def preflight(self, params: SmolSentimentParams) -> None:
@@ -153,17 +145,11 @@ class SmolSentiment:
         return Policy(model, tokenizer)
 
     def finish(self, sft: Policy, params: SmolSentimentParams, seed: int, workdir: Path) -> None:
-        prompts = json.loads((workdir / "prompts.json").read_text())
-        pairs = pairs_from_samples(
-            sft, prompts["train"], self.gold, samples_per_prompt=params.samples_per_prompt,
-            max_new_tokens=params.max_new_tokens, min_gap=params.min_gold_gap, seed=seed * 1000 + 2,
+        finish_from_samples(
+            sft, workdir, self.gold, samples_per_prompt=params.samples_per_prompt, max_new_tokens=params.max_new_tokens,
+            min_gap=params.min_gold_gap, seed=seed,
             batch_size=params.generation_batch_size,
         )
-        refs = references_from_samples(
-            sft, prompts["eval"], self.gold, max_new_tokens=params.max_new_tokens, seed=seed * 1000 + 3,
-            batch_size=params.generation_batch_size,
-        )
-        write_env_data(workdir, train_prompts=prompts["train"], eval_prompts=prompts["eval"], pairs=pairs, references=refs)
 
 
 ENVS.register(SmolSentiment())
