@@ -44,7 +44,7 @@ HOPED = ["expected", "wanted", "hoped"]
 
 
 def review_openings() -> list[str]:
-    """Every opening the grammar makes, in a fixed order (≈ 5 k distinct strings)."""
+    """Every opening the grammar makes, in a fixed order (4,036 distinct strings)."""
     out = [f"{d} {f} {v}" for d, f, v in itertools.product(DETERMINERS, FILMS, VERBS)]
     out += [f"{d} {a} in this {f} {v}" for d, a, f, v in itertools.product(["The"], ASPECTS, FILMS, VERBS)]
     out += [f"I {w} this {f} {t}" for w, f, t in itertools.product(WATCHED, FILMS, WHEN)]
@@ -66,7 +66,7 @@ class SmolSentimentParams:
     samples_per_prompt: int = 4  # reference samples per train prompt from which pairs are made
     min_gold_gap: float = 0.01  # pairs closer than this in gold reward are dropped
     max_new_tokens: int = 40  # completion length cap, for pairs and references
-    generation_batch_size: int = 128  # sequences per sampling batch while making pairs (512 is no faster on CPU)
+    generation_batch_size: int = 128  # sequences per sampling batch while making pairs (1 CPU thread: 194 tok/s at 128, 167 at 256)
 
     def __post_init__(self) -> None:
         for name in ("num_train_prompts", "num_eval_prompts", "min_prompt_tokens", "max_prompt_tokens",
@@ -119,7 +119,7 @@ class SmolSentiment:
         prompts = {"eval": order[:n_eval], "train": order[n_eval : n_eval + params.num_train_prompts]}
         (workdir / "prompts.json").write_text(json.dumps(prompts))
 
-    def sft_corpus(self, params: SmolSentimentParams, workdir: Path) -> None:
+    def sft_corpus(self, params: SmolSentimentParams, workdir: Path) -> list[str] | None:
         return None  # the pretrained model is the reference policy
 
     def sft_settings(self, params: SmolSentimentParams) -> TrainSettings:
