@@ -40,6 +40,11 @@ def env_key(suite: SuiteConfig, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def env_cache_dir(suite: SuiteConfig, seed: int) -> Path:
+    """Where the prepared env of `seed` is cached."""
+    return cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+
+
 def _build_cached(workdir: Path, build, label: str) -> Path:
     """Run `build(tmp)` once into `workdir` (atomic: temp dir → rename, DONE marker); reuse it after."""
     if (workdir / "DONE").exists():
@@ -79,8 +84,7 @@ def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | 
         say(f"[prefbench] {label}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
         ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
 
-    workdir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
-    return _build_cached(workdir, build, label)
+    return _build_cached(env_cache_dir(suite, seed), build, label)
 
 
 def rm_key(suite: SuiteConfig, seed: int) -> str:
@@ -91,6 +95,11 @@ def rm_key(suite: SuiteConfig, seed: int) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rm_cache_dir(suite: SuiteConfig, seed: int) -> Path:
+    """Where the reward model of `seed` is cached."""
+    return cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
 
 
 def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> Path:
@@ -106,8 +115,7 @@ def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_di
         say(f"[prefbench] {label}: held-out pair accuracy {m['rm/heldout_accuracy']:.3f} "
             f"({m['rm/heldout_pairs']} pairs), Pearson with gold {m['rm/heldout_gold_pearson']:.3f}")
 
-    workdir = cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
-    return _build_cached(workdir, build, label)
+    return _build_cached(rm_cache_dir(suite, seed), build, label)
 
 
 def package_versions() -> dict[str, str]:
@@ -156,11 +164,10 @@ def plan(suite_path: str | None, overrides: list[str], address: str | None = Non
     lines = [f"suite {suite.name}: env {suite.env.name}, seeds {seeds}, {len(trials)} trials",
              f"env params: {json.dumps(dataclasses.asdict(env_params(suite)))}", "stages (once per seed, cached):"]
     for seed in seeds:
-        env_dir = cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
-        lines.append(f"  env {suite.env.name} seed {seed}: {'cached' if (env_dir / 'DONE').exists() else 'to build'}")
+        state = "cached" if (env_cache_dir(suite, seed) / "DONE").exists() else "to build"
+        lines.append(f"  env {suite.env.name} seed {seed}: {state}")
         if rm_users:
-            rm_dir = cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
-            state = "cached" if (rm_dir / "DONE").exists() else "to train"
+            state = "cached" if (rm_cache_dir(suite, seed) / "DONE").exists() else "to train"
             lines.append(f"  reward model seed {seed}: {state} (for {', '.join(rm_users)})")
     lines.append("trials:")
     width = max(len(t.trial_id) for t in trials)

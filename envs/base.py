@@ -69,6 +69,14 @@ def preflight(env: Env, params) -> None:
         check(params)
 
 
+def sft_train_settings(*, epochs: float, examples: int, batch_size: int, lr: float, warmup_steps: int) -> TrainSettings:
+    """The SFT stage's optimisation: `epochs` passes over `examples` texts, one evaluation at the end."""
+    steps = max(1, int(epochs * examples / batch_size))
+    return TrainSettings(
+        steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, max_grad_norm=1.0, eval_every=steps
+    )
+
+
 def pairs_from_samples(
     sft: Policy,
     prompts: list[str],

@@ -28,7 +28,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import finish_from_samples
+from envs.base import finish_from_samples, sft_train_settings
 from envs.hub import Unavailable, load_split, require_dataset, require_model
 
 BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -239,11 +239,8 @@ class Imdb:
         return pd.read_parquet(workdir / "corpus.parquet")["text"].tolist()
 
     def sft_settings(self, params: ImdbParams) -> TrainSettings:
-        steps = max(1, int(params.sft_epochs * params.num_sft_reviews / params.sft_batch_size))
-        return TrainSettings(
-            steps=steps, batch_size=params.sft_batch_size, lr=params.sft_lr,
-            warmup_steps=params.sft_warmup_steps, max_grad_norm=1.0, eval_every=steps,
-        )
+        return sft_train_settings(epochs=params.sft_epochs, examples=params.num_sft_reviews, batch_size=params.sft_batch_size,
+                                  lr=params.sft_lr, warmup_steps=params.sft_warmup_steps)
 
     def load_policy(self, workdir: Path, stage: str) -> Policy:
         return Policy.from_pretrained(workdir / stage)

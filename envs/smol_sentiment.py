@@ -109,7 +109,7 @@ class SmolSentiment:
         """Pick disjoint train/eval openings of the right length; the model itself is read from the GGUF file."""
         gguf = self._gguf_path(params)
         (workdir / "init.json").write_text(json.dumps({"dir": str(gguf.parent), "gguf_file": gguf.name}))
-        tokenizer = self.load_policy(workdir, "init", tokenizer_only=True)
+        tokenizer = self._tokenizer(workdir)
         openings = review_openings()
         lengths = [len(ids) for ids in tokenizer(openings, add_special_tokens=True)["input_ids"]]
         fits = [o for o, n in zip(openings, lengths) if params.min_prompt_tokens <= n <= params.max_prompt_tokens]
@@ -125,15 +125,18 @@ class SmolSentiment:
     def sft_settings(self, params: SmolSentimentParams) -> TrainSettings:
         return TrainSettings(steps=1)  # unused: there is no SFT corpus
 
-    def load_policy(self, workdir: Path, stage: str, *, tokenizer_only: bool = False):
-        if stage != "init":
-            return Policy.from_pretrained(workdir / stage)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def _tokenizer(self, workdir: Path):
+        from transformers import AutoTokenizer
 
         src = json.loads((workdir / "init.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
-        if tokenizer_only:
-            return tokenizer
+        return AutoTokenizer.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
+
+    def load_policy(self, workdir: Path, stage: str) -> Policy:
+        if stage != "init":
+            return Policy.from_pretrained(workdir / stage)
+        from transformers import AutoModelForCausalLM
+
+        src = json.loads((workdir / "init.json").read_text())
         gguf = AutoModelForCausalLM.from_pretrained(src["dir"], gguf_file=src["gguf_file"])
         # the same (dequantised) weights in a plain model: transformers refuses to save one whose
         # config still says it came from a GGUF file, and so would every later stage that saves it
@@ -142,7 +145,7 @@ class SmolSentiment:
             del config.quantization_config
         model = type(gguf)(config)
         model.load_state_dict(gguf.state_dict())
-        return Policy(model, tokenizer)
+        return Policy(model, self._tokenizer(workdir))
 
     def finish(self, sft: Policy, params: SmolSentimentParams, seed: int, workdir: Path) -> None:
         finish_from_samples(

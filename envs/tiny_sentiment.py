@@ -23,7 +23,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import finish_from_samples, vader_gold
+from envs.base import finish_from_samples, sft_train_settings, vader_gold
 
 POSITIVE = ["good", "great", "wonderful", "brilliant", "excellent", "amazing", "beautiful", "funny",
             "charming", "enjoyable", "superb", "moving", "fantastic", "clever", "fun", "lovely"]
@@ -160,11 +160,8 @@ class TinySentiment:
         return pd.read_parquet(workdir / "corpus.parquet")["text"].tolist()
 
     def sft_settings(self, params: TinySentimentParams) -> TrainSettings:
-        steps = max(1, int(params.sft_epochs * params.num_reviews / params.sft_batch_size))
-        return TrainSettings(
-            steps=steps, batch_size=params.sft_batch_size, lr=params.sft_lr,
-            warmup_steps=params.sft_warmup_steps, max_grad_norm=1.0, eval_every=steps,
-        )
+        return sft_train_settings(epochs=params.sft_epochs, examples=params.num_reviews, batch_size=params.sft_batch_size,
+                                  lr=params.sft_lr, warmup_steps=params.sft_warmup_steps)
 
     def load_policy(self, workdir: Path, stage: str) -> Policy:
         return Policy.from_pretrained(workdir / stage)

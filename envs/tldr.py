@@ -32,7 +32,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import write_env_data
+from envs.base import sft_train_settings, write_env_data
 from envs.judges import OpenAIJudgeSpec, RewardModelJudgeSpec, judge_spec, make_judge
 
 TLDR = "TL;DR:"
@@ -243,11 +243,8 @@ class Tldr:
         return [f"{p} {s}" for p, s in zip(train["prompt"], train["summary"])]
 
     def sft_settings(self, params: TldrParams) -> TrainSettings:
-        steps = max(1, int(params.sft_epochs * params.num_train_prompts / params.sft_batch_size))
-        return TrainSettings(
-            steps=steps, batch_size=params.sft_batch_size, lr=params.sft_lr,
-            warmup_steps=params.sft_warmup_steps, max_grad_norm=1.0, eval_every=steps,
-        )
+        return sft_train_settings(epochs=params.sft_epochs, examples=params.num_train_prompts, batch_size=params.sft_batch_size,
+                                  lr=params.sft_lr, warmup_steps=params.sft_warmup_steps)
 
     def load_policy(self, workdir: Path, stage: str) -> Policy:
         if stage != "init":
