@@ -49,20 +49,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list() -> None:
+    """One row per registered plugin: kind, name, origin, frontier knob, needs; broken plugins on stderr."""
     from algorithms import ALGORITHMS
     from envs import ENVS
 
-    print("algorithms:")
+    rows = [("kind", "name", "knob", "needs", "origin")]
     for name in ALGORITHMS.names():
         a = ALGORITHMS.get(name)
-        needs = ",".join(sorted(a.needs)) or "-"
-        print(f"  {name:16s} knob={a.knob or '-':10s} needs={needs:34s} {ALGORITHMS.origin(name)}")
-    print("envs:")
+        rows.append(("algorithm", name, a.knob or "-", ",".join(sorted(a.needs)) or "-", ALGORITHMS.origin(name)))
     for name in ENVS.names():
-        print(f"  {name:16s} {ENVS.origin(name)}")
+        rows.append(("env", name, "-", "-", ENVS.origin(name)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
     for reg in (ALGORITHMS, ENVS):
         for name, err in reg.broken.items():
-            print(f"  (skipped {reg.kind} plugin {name}: {err})", file=sys.stderr)
+            print(f"prefbench: skipped {reg.kind} plugin {name}: {err}", file=sys.stderr)
 
 
 def _report_settings(args):
