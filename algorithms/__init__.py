@@ -2,4 +2,6 @@
 
 from algorithms.registry import Registry
 
-ALGORITHMS = Registry(kind="algorithm", group="prefbench.algorithms", package="algorithms")
+ALGORITHMS = Registry(
+    kind="algorithm", group="prefbench.algorithms", package="algorithms", contract="algorithms.interface:contract_problems"
+)

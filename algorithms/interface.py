@@ -192,3 +192,27 @@ def plain_optimizer(*trainables: Any, train: TrainSettings) -> Callable[[torch.T
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up multiplier for LambdaLR: step s → min(1, (s + 1) / warmup_steps)."""
     return lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def contract_problems(algo: Any) -> list[str]:
+    """What is wrong with `algo` as an Algorithm (empty when it keeps the contract); the registry
+    refuses a plugin with problems and reports them in one line."""
+    from algorithms.registry import dataclass_problems, name_problems
+
+    problems = name_problems(getattr(algo, "name", None))
+    params_cls = getattr(algo, "params_cls", None)
+    cls_problems = dataclass_problems(params_cls)
+    problems += cls_problems
+    knob = getattr(algo, "knob", "<missing>")
+    if knob == "<missing>":
+        problems.append("no `knob` (the frontier parameter's name, or None)")
+    elif knob is not None and not (isinstance(knob, str) and (cls_problems or knob in {f.name for f in fields(params_cls)})):
+        problems.append(f"knob {knob!r} is not a field of params_cls")
+    needs = getattr(algo, "needs", None)
+    if not isinstance(needs, (set, frozenset)) or not needs <= NEEDS:
+        problems.append(f"needs must be a subset of {{{', '.join(sorted(NEEDS))}}}, got {needs!r}")
+    if not isinstance(getattr(algo, "trains_policy", None), bool):
+        problems.append("trains_policy must be True or False")
+    if not callable(getattr(algo, "train", None)):
+        problems.append("no train(ctx) method")
+    return problems

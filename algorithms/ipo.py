@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext, check

@@ -23,6 +23,7 @@ import yaml
 
 from algorithms import ALGORITHMS
 from algorithms.interface import ParamError, TrainSettings, params_from_dict
+from algorithms.registry import first_line
 from algorithms.reward_model import RewardModelParams
 from envs import ENVS
 
@@ -314,6 +315,8 @@ def validate(suite: SuiteConfig) -> None:
         params = params_from_dict(env.params_cls, suite.env.params)
     except ParamError as e:
         raise ConfigError(f"env.params.{e.field}: {e.message}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"env.params: {suite.env.name}: {first_line(e)}") from None
     if suite.train.batch_size % suite.scaling.num_workers:
         raise ConfigError("train.batch_size: must be divisible by scaling.num_workers")
     sft = env.sft_settings(params)
@@ -402,8 +405,8 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
             except ParamError as e:
                 section = "sweep" if e.field in spec.sweep else "params"
                 raise ConfigError(f"{where}.{section}.{e.field}: {e.message}") from None
-            except TypeError as e:
-                raise ConfigError(f"{where}.params: {e}") from None
+            except (TypeError, ValueError) as e:  # a plugin's own check that is not a ParamError
+                raise ConfigError(f"{where}.params: {spec.name}: {first_line(e)}") from None
             params_dict = dataclasses.asdict(params)
             knob = spec.knob or algo.knob
             if knob is not None and knob not in params_dict:

@@ -17,7 +17,7 @@ EVAL_COLUMNS = [
 ]
 TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",
-    "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy", "nodes", "resumed_from",
+    "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy", "nodes", "resumed_from", "summary",
 ]
 
 
@@ -63,6 +63,8 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
             "rm_accuracy": summary.get("rm/heldout_accuracy"),  # held-out pair accuracy of the RM it used
             "nodes": summary.get("nodes", ""),  # Ray node ids its workers ran on, comma-separated
             "resumed_from": summary.get("resumed_from"),  # the checkpoint step it was resumed from, if any
+            # what the algorithm's train(ctx) returned (e.g. PPO's final adaptive kl_coef), as JSON
+            "summary": json.dumps(summary.get("algorithm_summary", {}), sort_keys=True),
         })
     evals = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame(columns=EVAL_COLUMNS)
     evals = evals[EVAL_COLUMNS + [c for c in evals.columns if c not in EVAL_COLUMNS]]

@@ -443,7 +443,7 @@ def run_trial(payload: dict, report: Report) -> None:
     if rank == 0:
         wall = time.time() - t_start
         write_text_atomic(trial_dir / "summary.json", json.dumps({
-            **meta, **summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
+            **meta, "algorithm_summary": summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
             "eval_time_s": eval_time, "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
             **({"peak_gpu_memory_gib": round(peak_gpu, 3)} if device.type == "cuda" else {}),
         }))

@@ -2,4 +2,4 @@
 
 from algorithms.registry import Registry
 
-ENVS = Registry(kind="env", group="prefbench.envs", package="envs")
+ENVS = Registry(kind="env", group="prefbench.envs", package="envs", contract="envs.base:contract_problems")

@@ -180,3 +180,26 @@ def load_env_data(workdir: Path) -> EnvData:
         pairs=pd.read_parquet(workdir / "pairs.parquet"),
         references=pd.read_parquet(workdir / "references.parquet"),
     )
+
+
+REQUIRED_METHODS = ("build", "sft_corpus", "sft_settings", "load_policy", "finish")
+OPTIONAL_METHODS = ("gold_for", "preflight")
+
+
+def contract_problems(env) -> list[str]:
+    """What is wrong with `env` as an Env (empty when it keeps the contract); the registry refuses
+    a plugin with problems and reports them in one line."""
+    from algorithms.registry import dataclass_problems, name_problems
+
+    problems = name_problems(getattr(env, "name", None)) + dataclass_problems(getattr(env, "params_cls", None))
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(env, m, None))]
+    if not callable(getattr(env, "gold", None)) and not callable(getattr(env, "gold_for", None)):
+        missing.append("gold (or gold_for)")
+    if missing:
+        problems.append(f"missing method(s): {', '.join(missing)}")
+    wrong = [m for m in OPTIONAL_METHODS if hasattr(env, m) and not callable(getattr(env, m))]
+    if wrong:
+        problems.append(f"not callable: {', '.join(wrong)}")
+    if not isinstance(getattr(env, "version", 0), int):
+        problems.append("version must be an int")
+    return problems

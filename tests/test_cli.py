@@ -12,11 +12,12 @@ import pytest
 def test_list_shows_algorithms_with_knobs_and_envs():
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "list"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    dpo = next(line for line in lines if line.strip().startswith("dpo "))
-    assert "knob=beta" in dpo and "needs=pairs" in dpo and "in-tree" in dpo
-    assert any(line.strip().startswith("sft ") for line in lines)
-    assert any(line.strip().startswith("tiny-sentiment") for line in lines[lines.index("envs:"):])
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert rows[0] == ["kind", "name", "knob", "needs", "origin"]
+    assert ["algorithm", "dpo", "beta", "pairs", "in-tree", "(algorithms.dpo)"] in rows
+    assert ["algorithm", "ppo-gt", "kl_coef", "critic,gold,prompts", "in-tree", "(algorithms.ppo)"] in rows
+    assert ["algorithm", "sft", "-", "-", "in-tree", "(algorithms.sft)"] in rows
+    assert ["env", "tiny-sentiment", "-", "-", "in-tree", "(envs.tiny_sentiment)"] in rows
 
 
 @pytest.mark.slow
