@@ -206,6 +206,15 @@ def check_env_reachable(suite: SuiteConfig) -> None:
         raise UserError(str(e)) from None
 
 
+def warn_broken_plugins() -> None:
+    """One line per plugin that failed to load (this suite does not use it, or validation had stopped)."""
+    from algorithms import ALGORITHMS
+
+    for reg in (ALGORITHMS, ENVS):
+        for name, reason in reg.broken.items():
+            say(f"[prefbench] skipped {reg.kind} plugin {name}: {reason}")
+
+
 def run(
     suite_path: str | None, overrides: list[str], out: str | None, address: str | None, resume: bool = False
 ) -> tuple[Path, int]:
@@ -217,6 +226,7 @@ def run(
     suite = load_suite(suite_path, overrides)  # ConfigError before anything starts
     trials = expand_trials(suite)
     check_env_reachable(suite)
+    warn_broken_plugins()
     out_dir = Path(out) if out else default_out(suite)
     if resume:
         if out is None:

@@ -310,3 +310,10 @@ def test_in_tree_module_trains_in_one_process(tree):
     assert last > first + 1.0  # the hinge pushed chosen above rejected (nats per sequence)
     assert evals == [[0, False], [15, True]]  # eval_every=100: step 0 and the final evaluation
     assert 0 <= summary["slic/final_hinge_active"] <= 1
+
+
+def test_docs_show_the_example_as_it_is():
+    """docs/plugins.md quotes the example package's files verbatim: they must not drift apart."""
+    doc = (ROOT / "docs" / "plugins.md").read_text()
+    for path in ("pyproject.toml", "prefbench_slic/slic.py", "prefbench_slic/suite.yaml"):
+        assert (EXAMPLE / path).read_text() in doc, path
