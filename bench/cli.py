@@ -1,4 +1,4 @@
-"""The `prefbench` command: run, list, report, compare, perf.
+"""The `prefbench` command: run, list, report, compare, perf, export-env.
 
 User mistakes (bad suite, unknown plugin, missing file, existing --out, an env that came out empty)
 are one line on stderr and exit code 2, with nothing left in OUT. A run whose trials partly failed
@@ -42,6 +42,25 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="put several runs side by side (per algorithm: each run's numbers and the difference)")
     cmp.add_argument("outs", nargs="+", metavar="OUT", help="run output directories (the difference is last - first)")
     cmp.add_argument("--out", dest="dest", help="also write compare.md, compare.csv and compare_frontier.png/.svg here")
+    exp = sub.add_parser(
+        "export-env", help="write an env's SFT policy, pairs and prompts for other tools (Hugging Face, TRL)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Prepare ENV as `prefbench run` does (cached; the SFT runs as a Ray Train job only when the env\n"
+                    "is not cached yet) and write it to DIR for Hugging Face tools and TRL:\n"
+                    "  sft/                  SFT policy + tokenizer (save_pretrained; AutoModelForCausalLM loads it)\n"
+                    "  pairs.parquet         prompt, chosen, rejected (+ chosen_gold, rejected_gold): TRL DPO/reward\n"
+                    "  prompts.parquet       prompt: the train prompts (TRL's online trainers)\n"
+                    "  eval_prompts.parquet  prompt: the evaluation prompts\n"
+                    "  references.parquet    prompt, completion, gold: one SFT sample per eval prompt\n"
+                    "  README.md             env, params, seed, gold reward, tokenization, a TRL example",
+        epilog="example: prefbench export-env tiny-sentiment out/tiny --set env.params.num_reviews=2000 --seed 1")
+    exp.add_argument("env", metavar="ENV", help="env name (see `prefbench list`)")
+    exp.add_argument("dir", metavar="DIR", help="output directory; must not exist or be empty")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="an env param as in a suite, e.g. --set env.params.num_reviews=2000 (also deepspeed.*, "
+                          "scaling.*, cache_dir, storage_path)")
+    exp.add_argument("--seed", type=int, default=0, help="the env's seed, as in a suite's seeds (default: 0)")
+    exp.add_argument("--address", help="Ray cluster address for the SFT stage (default: start Ray embedded)")
     perf = sub.add_parser("perf", help="time generation, scoring, a DPO step and an evaluation (no Ray)")
     perf.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
@@ -113,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_perf(numbers))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(numbers, indent=2))
+        elif args.command == "export-env":
+            from bench.export import export_env
+
+            print(export_env(args.env, args.dir, args.overrides, seed=args.seed, address=args.address))
         elif args.command == "run" and args.dry_run:
             from bench.run import plan
 

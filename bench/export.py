@@ -1,0 +1,307 @@
+"""`prefbench export-env ENV DIR`: a prepared env in the formats other tools read (Hugging Face, TRL).
+
+DIR receives:
+
+- `sft/`: the SFT policy (prefbench's reference) and its tokenizer in Hugging Face format;
+  `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(DIR/"sft")` load them.
+- `pairs.parquet`: prompt, chosen, rejected (TRL's standard preference format, read as-is by
+  DPOTrainer and RewardTrainer), plus chosen_gold, rejected_gold (the env's gold reward of each).
+- `prompts.parquet`: prompt (the train prompts; TRL's prompt-only format for online trainers).
+- `eval_prompts.parquet`: prompt (the env's fixed evaluation prompts, in order).
+- `references.parquet`: prompt, completion, gold (one SFT sample per eval prompt: the win-rate baseline).
+- `README.md`: a card with the env, its resolved params and seed, the gold reward, how text becomes
+  tokens, and the TRL code that trains on the folder. Its YAML header lets
+  `datasets.load_dataset(DIR, "pairs")` (or "prompts", "eval_prompts", "references") find the files.
+
+The env is prepared by `bench.run.prepare_env` with the suite that `--set` builds, so validation, the
+cache key and the SFT stage (a Ray Train job) are those of `prefbench run`: an export of env X with
+params P and seed s IS the env a run with the same env section and seed uses, and shares its cache.
+A cached env is exported without starting Ray. Completions are stored with a leading space because
+TRL joins prompt and completion as strings (`prompt + chosen`); prefbench's own strings have none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bench import __version__, say
+from bench.config import ConfigError, SuiteConfig, apply_override, build_dataclass, env_params, validate
+from bench.run import UserError, cache_root, check_env_reachable, env_cache_dir, env_key, prepare_env
+from envs import ENVS
+
+# --set keys export-env takes: what defines the env (and its cache key), and how its SFT stage runs
+SET_KEYS = ("env.params", "deepspeed", "scaling", "cache_dir", "storage_path")
+DATA_FILES = {  # load_dataset config name -> file (also the card's YAML header)
+    "pairs": "pairs.parquet",
+    "prompts": "prompts.parquet",
+    "eval_prompts": "eval_prompts.parquet",
+    "references": "references.parquet",
+}
+
+
+def export_suite(env_name: str, overrides: list[str], seed: int) -> SuiteConfig:
+    """The suite `prefbench run` would see for this env section and seed, validated the same way."""
+    try:
+        env = ENVS.get(env_name)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    raw: dict = {"name": f"export-{env_name}", "env": {"name": env_name, "params": {}}, "seeds": [seed],
+                 "algorithms": [{"name": "sft"}]}
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        if not any(key == k or key.startswith(k + ".") for k in SET_KEYS):
+            fields = {f.name for f in dataclasses.fields(env.params_cls)}
+            hint = f" (did you mean env.params.{key}?)" if key in fields else ""
+            raise ConfigError(f"--set {key}: export-env takes env.params.*, deepspeed.*, scaling.*, cache_dir and "
+                              f"storage_path; the env is the ENV argument, its seed --seed{hint}")
+        apply_override(raw, assignment)
+    suite = build_dataclass(SuiteConfig, raw, "")
+    validate(suite)
+    return suite
+
+
+def export_env(env_name: str, dest: str | Path, overrides: list[str], seed: int = 0, address: str | None = None) -> Path:
+    """Prepare (or reuse) the env and write it to `dest`; a failure leaves nothing there."""
+    suite = export_suite(env_name, overrides, seed)  # ConfigError before anything starts
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UserError(f"{dest}: already exists and is not an empty directory")
+    check_env_reachable(suite)
+    env_dir = env_cache_dir(suite, seed)
+    if (env_dir / "DONE").exists():  # no Ray needed
+        say(f"[prefbench] env {env_name} seed {seed}: cached at {env_dir}")
+    else:
+        _prepare(suite, seed, address)  # says where it cached the env
+    _check_data(suite, seed, env_dir)
+
+    final = dest.resolve()
+    created = _missing_ancestor(final.parent)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.export-tmp-{os.getpid()}")  # beside DIR: same filesystem
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(suite, seed, env_dir, tmp, final)
+        os.replace(tmp, final)  # onto a missing or empty directory: atomic
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    say(f"[prefbench] exported env {env_name} seed {seed} to {dest}")
+    return dest
+
+
+def _missing_ancestor(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (removed again when the export fails)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def _prepare(suite: SuiteConfig, seed: int, address: str | None) -> None:
+    """Build + SFT the env as `prefbench run` does: Ray (embedded or --address), the env stage as a Ray Train job."""
+    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
+    # stdout carries only DIR: what libraries print (DeepSpeed's logger binds to stdout on import) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="prefbench-export-") as scratch:
+        from bench import ray_runner
+        from bench.worker import _quiet
+
+        _quiet()
+        # Ray Train's checkpoints of the SFT job: nothing an export keeps
+        storage = (f"{suite.storage_path.rstrip('/')}/export-{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+                   if suite.storage_path else scratch)
+        ray_runner.start_ray(suite, address)
+        try:
+            prepare_env(suite, suite_dict, seed, storage)
+        finally:
+            ray_runner.stop_ray()
+
+
+def _check_data(suite: SuiteConfig, seed: int, env_dir: Path) -> None:
+    from envs.base import load_env_data
+
+    data = load_env_data(env_dir)
+    where = f"env {suite.env.name} (seed {seed})"
+    if len(data.pairs) == 0:
+        raise UserError(f"{where} produced no preference pairs; check env.params (e.g. min_gold_gap)")
+    if not data.eval_prompts:
+        raise UserError(f"{where} has no eval prompts; check env.params")
+
+
+def _joined(texts: pd.Series) -> pd.Series:
+    """Completions as TRL concatenates them: `prompt + completion`, so a leading space separates the words."""
+    return texts.map(lambda t: f" {t}" if t and not t[0].isspace() else t)
+
+
+def _write(suite: SuiteConfig, seed: int, env_dir: Path, tmp: Path, dest: Path) -> None:
+    from envs.base import load_env_data
+
+    data = load_env_data(env_dir)
+    tmp.mkdir(parents=True)
+    shutil.copytree(env_dir / "sft", tmp / "sft")  # the reference's own files, byte for byte
+    pairs = data.pairs.copy()
+    pairs["chosen"], pairs["rejected"] = _joined(pairs["chosen"]), _joined(pairs["rejected"])
+    refs = data.references.copy()
+    refs["completion"] = _joined(refs["completion"])
+    pairs.to_parquet(tmp / "pairs.parquet", index=False)
+    pd.DataFrame({"prompt": data.train_prompts}).to_parquet(tmp / "prompts.parquet", index=False)
+    pd.DataFrame({"prompt": data.eval_prompts}).to_parquet(tmp / "eval_prompts.parquet", index=False)
+    refs.to_parquet(tmp / "references.parquet", index=False)
+    same, total = _token_agreement(tmp / "sft", data.pairs)
+    if same < total:
+        say(f"[prefbench] note: TRL's tokenisation of prompt + completion differs from prefbench's for "
+            f"{total - same} of {total} pair completions (see README.md)")
+    counts = {"pairs": len(pairs), "prompts": len(data.train_prompts), "eval_prompts": len(data.eval_prompts),
+              "references": len(refs)}
+    (tmp / "README.md").write_text(_card(suite, seed, env_dir, dest, counts, (same, total)))
+
+
+def _token_agreement(sft_dir: Path, pairs: pd.DataFrame) -> tuple[int, int]:
+    """How many of the pairs' completions TRL tokenises exactly as prefbench trains on them.
+
+    prefbench: tokens(prompt, with special tokens) + tokens(completion, without) + EOS (algorithms.policy).
+    TRL (DPOTrainer, RewardTrainer): tokens(prompt + completion + eos_token), one string.
+    """
+    from transformers import AutoTokenizer
+
+    from algorithms.policy import Policy
+
+    policy = Policy(None, AutoTokenizer.from_pretrained(str(sft_dir)))  # tokenisation only: no model needed
+    tok = policy.tokenizer
+    same = total = 0
+    for column in ("chosen", "rejected"):
+        prompts, completions = pairs["prompt"].tolist(), pairs[column].tolist()
+        ours = [p + c for p, c in zip(policy.encode_prompts(prompts), policy.encode_completions(completions))]
+        texts = [p + j + tok.eos_token for p, j in zip(prompts, _joined(pairs[column]))]
+        theirs = tok(texts)["input_ids"]
+        same += sum(a == list(b) for a, b in zip(ours, theirs))
+        total += len(ours)
+    return same, total
+
+
+def _gold_text(env) -> str:
+    """The env's own words for its gold reward: the docstring of `gold_for` (when it has one) or `gold`."""
+    fn = getattr(env, "gold_for", None) or env.gold
+    return inspect.getdoc(fn) or "(the env's `gold` has no docstring)"
+
+
+def _command(suite: SuiteConfig, seed: int, env, params: dict) -> str:
+    """The export-env command line of this env: one --set per param that differs from its default."""
+    defaults = dataclasses.asdict(env.params_cls())
+    sets = [f"env.params.{k}={json.dumps(v)}" for k, v in params.items() if v != defaults.get(k)]
+    if suite.deepspeed.bf16:
+        sets.append("deepspeed.bf16=true")
+    return " ".join(["prefbench export-env", shlex.quote(suite.env.name), "DIR", *(f"--set {shlex.quote(a)}" for a in sets),
+                     f"--seed {seed}"])
+
+
+def _card(suite: SuiteConfig, seed: int, env_dir: Path, dest: Path, counts: dict, agreement: tuple[int, int]) -> str:
+    env = ENVS.get(suite.env.name)
+    params = dataclasses.asdict(env_params(suite))
+    module_doc = inspect.getdoc(inspect.getmodule(type(env))) or inspect.getdoc(type(env)) or ""
+    header = {"configs": [{"config_name": name, "data_files": [{"split": "train", "path": path}],
+                           **({"default": True} if name == "pairs" else {})} for name, path in DATA_FILES.items()],
+              "tags": ["prefbench", suite.env.name, "dpo", "preference"]}
+    run_section = {"env": {"name": suite.env.name, "params": params}, "seeds": [seed]}
+    if suite.deepspeed.bf16:
+        run_section["deepspeed"] = {"bf16": True}
+    same, total = agreement
+    tokens_line = (
+        f"For this env the two agree on all {total} pair completions (checked at export)." if same == total else
+        f"For this env they differ on {total - same} of {total} pair completions (checked at export): a sub-word "
+        "tokenizer can merge the space with the completion's first word differently from tokenising the completion "
+        "on its own, so TRL trains on slightly different token ids than prefbench for those."
+    )
+    d = str(dest)
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False).rstrip()}
+---
+
+# {suite.env.name}, seed {seed}: exported by prefbench {__version__}
+
+{module_doc}
+
+## Files
+
+| file | rows | columns |
+|---|---|---|
+| `sft/` | - | the SFT policy (prefbench's reference) and its tokenizer, Hugging Face `save_pretrained` format |
+| `pairs.parquet` | {counts['pairs']} | prompt, chosen, rejected, chosen_gold, rejected_gold |
+| `prompts.parquet` | {counts['prompts']} | prompt (train prompts, for online methods) |
+| `eval_prompts.parquet` | {counts['eval_prompts']} | prompt (prefbench's fixed evaluation prompts, in order) |
+| `references.parquet` | {counts['references']} | prompt, completion, gold (one SFT sample per eval prompt: the win-rate baseline) |
+
+How the env makes its pairs is in the description above; `chosen_gold` and `rejected_gold` are the gold
+rewards of the two completions. `load_dataset("{d}", "pairs")` (or `prompts`, `eval_prompts`,
+`references`) reads them through this card's YAML header; `load_dataset("parquet", data_files=...)` works too.
+
+## Gold reward
+
+{_gold_text(env)}
+
+Scores are floats, higher is better. With prefbench installed, the same function:
+
+```python
+from envs import ENVS
+from envs.base import gold_fn
+env = ENVS.get("{suite.env.name}")
+gold = gold_fn(env, env.params_cls(**PARAMS), "{env_dir}")  # PARAMS: the params below
+scores = gold(prompts, [c.strip() for c in completions])
+```
+
+## Environment
+
+Env `{suite.env.name}` version {getattr(env, "version", 0)}, seed {seed}, prefbench {__version__}. This is the env that
+`prefbench run` prepares for a suite with this env section and seed (same validation, same cache key, same SFT):
+
+```yaml
+{yaml.safe_dump(run_section, sort_keys=False).rstrip()}
+```
+
+Cached at `{env_dir}` (cache root `{cache_root(suite)}`). The same export again:
+
+```
+{_command(suite, seed, env, params)}
+```
+
+## Text and tokens
+
+prefbench trains on `tokens(prompt)` (with the tokenizer's special tokens, e.g. a BOS) followed by
+`tokens(completion)` (without special tokens) and EOS; a completion sampled up to `max_new_tokens` without
+stopping still gets the EOS when it is trained on. TRL (DPOTrainer, RewardTrainer) tokenises `prompt + completion`
+as one string, with the tokenizer's special tokens, after appending `eos_token` to chosen and rejected. So
+completions here carry a leading space (TRL's standard format, e.g. prompt "The sky is", chosen " blue."); strip
+it to get prefbench's strings. {tokens_line}
+
+## Train with TRL
+
+```python
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+DIR = "{d}"
+model = AutoModelForCausalLM.from_pretrained(f"{{DIR}}/sft")
+tokenizer = AutoTokenizer.from_pretrained(f"{{DIR}}/sft")
+pairs = load_dataset("parquet", data_files=f"{{DIR}}/pairs.parquet", split="train")
+args = DPOConfig(output_dir="dpo-out", beta=0.1, learning_rate=1e-4, per_device_train_batch_size=32, max_steps=100,
+                 use_cpu=True, report_to=[])  # drop use_cpu on a GPU
+DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer).train()
+```
+
+A reward model: `AutoModelForSequenceClassification.from_pretrained(f"{{DIR}}/sft", num_labels=1)` with
+`trl.RewardTrainer` on the same `pairs`.
+"""
