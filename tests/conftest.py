@@ -32,3 +32,10 @@ def policy(tiny_env_dir):
 @pytest.fixture
 def prompts():
     return ["the movie was", "i loved the", "overall it", "the plot and"]
+
+
+@pytest.fixture(scope="session")
+def e2e_cache(tmp_path_factory):
+    """One prefbench cache (envs, reward models) shared by every test that prepares the env of
+    tests/suites/e2e.yaml — the e2e run and the export-env tests — so its SFT runs once per session."""
+    return tmp_path_factory.mktemp("e2e-cache")

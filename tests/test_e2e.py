@@ -31,12 +31,11 @@ def run_cli(out, sets=(), cache=None, suite=E2E, timeout=1200, extra=()):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
-    out = base / "out"
-    proc = run_cli(out, cache=base / "cache")
+def run_dir(tmp_path_factory, e2e_cache):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    proc = run_cli(out, cache=e2e_cache)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc.stderr, base / "cache"
+    return out, proc.stderr, e2e_cache
 
 
 @pytest.mark.slow

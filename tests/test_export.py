@@ -1,8 +1,8 @@
 """`prefbench export-env`: the env in Hugging Face / TRL formats, and TRL training on it unchanged.
 
 The export uses the params of tests/suites/e2e.yaml, so it is the very env (same cache key) that
-`prefbench run tests/suites/e2e.yaml` prepares. With PREFBENCH_CACHE set, that cache is used (and an
-env already there is exported in seconds); otherwise a fresh one, and the SFT runs once per session.
+`prefbench run tests/suites/e2e.yaml` prepares: the tests share the e2e tests' cache (conftest's
+`e2e_cache`, or PREFBENCH_CACHE when set), so an env already prepared there is exported in seconds.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ FILES = {"pairs.parquet": ["prompt", "chosen", "rejected", "chosen_gold", "rejec
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, e2e_cache):
     base = tmp_path_factory.mktemp("export")
-    cache = Path(os.environ.get("PREFBENCH_CACHE") or base / "cache")
+    cache = Path(os.environ.get("PREFBENCH_CACHE") or e2e_cache)
     out = base / "tiny"
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "export-env", "tiny-sentiment", str(out), *SETS],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "PREFBENCH_CACHE": str(cache)})
