@@ -148,6 +148,24 @@ def finish_from_samples(
     write_env_data(workdir, train_prompts=prompts["train"], eval_prompts=prompts["eval"], pairs=pairs, references=refs)
 
 
+WORD_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer (whitespace split) over WORD_SPECIALS + `words`, ids in that order,
+    that puts <bos> before every text; <pad>, <eos> and <unk> set. For envs with a synthetic language."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(WORD_SPECIALS + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 @functools.cache
 def _vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

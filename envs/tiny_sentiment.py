@@ -23,7 +23,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import finish_from_samples, sft_train_settings, vader_gold
+from envs.base import finish_from_samples, sft_train_settings, vader_gold, word_tokenizer
 
 POSITIVE = ["good", "great", "wonderful", "brilliant", "excellent", "amazing", "beautiful", "funny",
             "charming", "enjoyable", "superb", "moving", "fantastic", "clever", "fun", "lovely"]
@@ -37,7 +37,6 @@ ADVERBS = ["very", "really", "quite", "so", "extremely", "pretty", "rather", "tr
 LIKE = ["loved", "liked", "enjoyed", "adored"]
 DISLIKE = ["hated", "disliked", "regretted", "despised"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 @dataclass
@@ -120,8 +119,7 @@ class TinySentiment:
 
     # ------------------------------------------------------------------------------ stages
     def build(self, params: TinySentimentParams, seed: int, workdir: Path) -> None:
-        from tokenizers import Tokenizer, models, pre_tokenizers, processors
-        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from transformers import GPT2Config, GPT2LMHeadModel
 
         rng = np.random.default_rng([seed, 1])
         n_total = params.num_reviews + params.num_train_prompts + params.num_eval_prompts
@@ -135,13 +133,8 @@ class TinySentiment:
         )
 
         words = sorted({w for r in reviews for w in r.split()} | set(POSITIVE + NEGATIVE + NEUTRAL + NOUNS))
-        vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-        )
+        tokenizer = word_tokenizer(words)
+        vocab = tokenizer.get_vocab()
         config = GPT2Config(
             vocab_size=len(vocab), n_positions=128, n_embd=params.n_embd, n_layer=params.n_layer,
             n_head=params.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

@@ -127,9 +127,10 @@ def site(tmp_path_factory) -> Path:
     """examples/prefbench-slic pip-installed (no deps: prefbench is already here) into a fresh
     directory that subprocesses get on PYTHONPATH, plus a hand-made broken distribution whose
     entry point names an attribute that does not exist."""
-    target = tmp_path_factory.mktemp("site")
+    target, src = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "prefbench-slic"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # pip builds in place
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                           str(EXAMPLE)], capture_output=True, text=True, timeout=600)
+                           str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = target / "prefbench_broken-0.1.dist-info"
     info.mkdir()

@@ -2,7 +2,7 @@
 
 Weather reports from a small grammar ("on monday it will be sunny and warm . expect rain in the
 evening ."), each with a hidden mood that tilts its words towards good or bad weather. A word-level
-tokenizer and a tiny GPT-2, trained by prefbench's SFT stage on the reports, make the reference
+tokenizer (prefbench's `word_tokenizer`) and a tiny GPT-2, trained by prefbench's SFT stage on the reports, make the reference
 policy. Prompts are the first 3–5 words of held-out reports. Gold reward: the share of good-weather
 words among the weather words of the completion, in [0, 1] (0.5 when it names no weather).
 Pairs: SFT samples ranked by the gold reward (prefbench's `finish_from_samples`).
@@ -18,13 +18,12 @@ import numpy as np
 
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
-from envs.base import finish_from_samples, sft_train_settings
+from envs.base import finish_from_samples, sft_train_settings, word_tokenizer
 
 GOOD = ["sunny", "warm", "clear", "bright", "calm", "mild", "dry", "pleasant"]
 BAD = ["rainy", "cold", "stormy", "windy", "grey", "foggy", "wet", "freezing"]
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 TIMES = ["morning", "afternoon", "evening", "night"]
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 @dataclass
@@ -87,8 +86,7 @@ class ToyWeather:
     def build(self, params: ToyWeatherParams, seed: int, workdir: Path) -> None:
         """Corpus, prompts, tokenizer and the untrained model, all under `workdir`."""
         import torch
-        from tokenizers import Tokenizer, models, pre_tokenizers, processors
-        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        from transformers import GPT2Config, GPT2LMHeadModel
 
         rng = np.random.default_rng(seed)
         reports = [make_report(rng) for _ in range(params.num_reports + params.num_train_prompts + params.num_eval_prompts)]
@@ -97,14 +95,8 @@ class ToyWeather:
         (workdir / "prompts.json").write_text(json.dumps(
             {"train": prompts[: params.num_train_prompts], "eval": prompts[params.num_train_prompts :]}
         ))
-        words = sorted({w for r in reports for w in r.split()} | set(GOOD + BAD))
-        vocab = {w: i for i, w in enumerate(SPECIALS + words)}
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-        )
+        tokenizer = word_tokenizer(sorted({w for r in reports for w in r.split()} | set(GOOD + BAD)))
+        vocab = tokenizer.get_vocab()
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=len(vocab), n_positions=64, n_embd=params.n_embd, n_layer=params.n_layer, n_head=4,
