@@ -61,9 +61,18 @@ def _parser() -> argparse.ArgumentParser:
                           "scaling.*, cache_dir, storage_path)")
     exp.add_argument("--seed", type=int, default=0, help="the env's seed, as in a suite's seeds (default: 0)")
     exp.add_argument("--address", help="Ray cluster address for the SFT stage (default: start Ray embedded)")
-    perf = sub.add_parser("perf", help="time generation, scoring, a DPO step and an evaluation (no Ray)")
-    perf.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    perf = sub.add_parser(
+        "perf", help="tokens/s and fraction of the machine's peak of DPO, RM, PPO, generation, evaluation (optionally vs TRL)")
+    perf.add_argument("--env", default="tiny-sentiment", help="env to measure on (prepared and cached like a run's)")
+    perf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="env params and shapes as in a suite: env.params.*, train.batch_size, train.lr, eval.*")
+    perf.add_argument("--seed", type=int, default=0, help="the env's seed (default: 0)")
+    perf.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training measurement (median)")
+    perf.add_argument("--ppo-steps", type=int, default=3, help="timed PPO iterations (median)")
+    perf.add_argument("--repeats", type=int, default=3, help="repeats of the peak, generation and evaluation timings")
+    perf.add_argument("--vs", choices=["trl"], help="also train TRL's DPOTrainer and RewardTrainer on the same work")
     perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
+    perf.add_argument("--address", help="Ray cluster address, only to prepare an env that is not cached yet")
     return p
 
 
@@ -126,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "perf":
             from bench.perf import format_perf, run_perf
 
-            if args.repeats < 1:
-                raise UserError("--repeats: must be >= 1")
-            numbers = run_perf(repeats=args.repeats)
+            numbers = run_perf(args.env, args.overrides, seed=args.seed, steps=args.steps, ppo_steps=args.ppo_steps,
+                               repeats=args.repeats, vs_trl=args.vs == "trl", address=args.address)
             print(format_perf(numbers))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(numbers, indent=2))

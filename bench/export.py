@@ -51,8 +51,10 @@ DATA_FILES = {  # load_dataset config name -> file (also the card's YAML header)
 }
 
 
-def export_suite(env_name: str, overrides: list[str], seed: int) -> SuiteConfig:
-    """The suite `prefbench run` would see for this env section and seed, validated the same way."""
+def export_suite(env_name: str, overrides: list[str], seed: int, *, command: str = "export-env",
+                 allowed: tuple[str, ...] = SET_KEYS) -> SuiteConfig:
+    """The suite `prefbench run` would see for this env section and seed, validated the same way;
+    `--set` keys outside `allowed` are refused in one line naming `command`."""
     try:
         env = ENVS.get(env_name)
     except KeyError as e:
@@ -61,15 +63,31 @@ def export_suite(env_name: str, overrides: list[str], seed: int) -> SuiteConfig:
                  "algorithms": [{"name": "sft"}]}
     for assignment in overrides:
         key = assignment.split("=", 1)[0].strip()
-        if not any(key == k or key.startswith(k + ".") for k in SET_KEYS):
+        if not is_allowed(key, allowed):
             fields = {f.name for f in dataclasses.fields(env.params_cls)}
             hint = f" (did you mean env.params.{key}?)" if key in fields else ""
-            raise ConfigError(f"--set {key}: export-env takes env.params.*, deepspeed.*, scaling.*, cache_dir and "
-                              f"storage_path; the env is the ENV argument, its seed --seed{hint}")
+            keys = ", ".join(k if k in ("cache_dir", "storage_path") else f"{k}.*" for k in allowed)
+            raise ConfigError(f"--set {key}: {command} takes {keys}; the env is its own argument, its seed --seed{hint}")
         apply_override(raw, assignment)
     suite = build_dataclass(SuiteConfig, raw, "")
     validate(suite)
     return suite
+
+
+def is_allowed(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in allowed)
+
+
+def prepared_env(suite: SuiteConfig, seed: int, address: str | None = None) -> Path:
+    """The cached env of `suite` and `seed`, prepared first (Ray + the SFT stage) if it is not cached yet."""
+    check_env_reachable(suite)
+    env_dir = env_cache_dir(suite, seed)
+    if (env_dir / "DONE").exists():  # no Ray needed
+        say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {env_dir}")
+    else:
+        _prepare(suite, seed, address)  # says where it cached the env
+    _check_data(suite, seed, env_dir)
+    return env_dir
 
 
 def export_env(env_name: str, dest: str | Path, overrides: list[str], seed: int = 0, address: str | None = None) -> Path:
@@ -78,13 +96,7 @@ def export_env(env_name: str, dest: str | Path, overrides: list[str], seed: int 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest}: already exists and is not an empty directory")
-    check_env_reachable(suite)
-    env_dir = env_cache_dir(suite, seed)
-    if (env_dir / "DONE").exists():  # no Ray needed
-        say(f"[prefbench] env {env_name} seed {seed}: cached at {env_dir}")
-    else:
-        _prepare(suite, seed, address)  # says where it cached the env
-    _check_data(suite, seed, env_dir)
+    env_dir = prepared_env(suite, seed, address)
 
     final = dest.resolve()
     created = _missing_ancestor(final.parent)

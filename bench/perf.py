@@ -1,33 +1,135 @@
-"""`prefbench perf`: the hot paths of a trial, timed against a baseline in the same process.
+"""`prefbench perf`: how fast the work inside a trial runs, against the machine's own peak and
+(with `--vs trl`) against TRL on the same work.
 
-On the quick suite's shapes (tiny-sentiment GPT-2, untrained weights, 256 prompts × 4 samples,
-32 new tokens, 32 pairs per DPO step) it reports medians over `--repeats` runs of:
+On a prepared env (cached like `prefbench run`'s; tiny-sentiment by default) and the suite's shapes
+it measures, without Ray, each part in its own process (one DeepSpeed engine per process, as in a
+trial; the parts do not share warm caches):
 
-- generation: `Policy.generate` vs bare `model.generate` on the same pre-tokenised batch (the
-  cost of our wrapper: tokenisation, EOS trimming, decoding);
-- teacher-forced scoring: `Policy.sequence_logps_batched` of the sampled completions;
-- a DPO step: plain PyTorch AdamW vs the same step through a DeepSpeed ZeRO-0 engine;
-- one evaluation at T = 1 (sampling, two log-prob passes, VADER, statistics).
+- `peak`: the machine's dense matmul rate, fp32 and bf16 (2048², median of the repeats);
+- `dpo`: our DPO training (algorithms/dpo.py through a DeepSpeed ZeRO-0 engine, as in a trial);
+  `generate`: `Policy.generate` at batch sizes 1…64; `evaluate`: one evaluation point at T = 1
+  with the suite's eval settings;
+- `rm`: our Bradley–Terry reward-model training through DeepSpeed;
+- `ppo`: our PPO with a critic: rollout (generation) and update (everything else) separately;
+- `trl` (with `--vs trl`): TRL's DPOTrainer and RewardTrainer on `prefbench export-env`'s output of
+  the same env — same SFT model, pairs, batch size, steps, learning rate, precision (fp32).
 
-No Ray: this measures the code inside one worker. The machine is shared and noisy: compare the
-ratios, not absolute times across machines.
+Rates are tokens per second: non-pad tokens of prompt + completion (+ EOS) of every sequence a
+step trains on (a DPO or RM step: chosen and rejected of `batch_size` pairs), over the median
+interval between consecutive optimizer steps after `WARMUP_STEPS` (so both sides pay for batch
+collation, forward, backward and the optimizer step, and neither pays for set-up; the one-time
+reference log-prob pass is reported as `setup_s`). Model FLOPs are 6·N·tokens for training and
+2·N·tokens for a forward pass (generation: generated tokens), N = all parameters; the fraction of
+peak is against the fp32 matmul rate measured in the same command. The machine is shared and
+noisy: compare ratios from one command, not absolute numbers across commands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import pandas as pd
-import torch
+WARMUP_STEPS = 3  # optimizer steps excluded from the median (first-touch allocations, autotuning)
+GENERATE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
+@dataclasses.dataclass
+class PerfConfig:
+    env_dir: str  # a prepared env (bench.run.prepare_env's cache entry)
+    export_dir: str | None  # prefbench export-env's output of the same env (for --vs trl)
+    steps: int  # optimizer steps timed per training part (after WARMUP_STEPS more)
+    batch_size: int  # pairs (DPO, RM) or prompts (PPO) per step
+    lr: float
+    beta: float  # DPO's beta
+    max_new_tokens: int  # completion cap (generation, PPO rollouts, evaluation)
+    eval_num_prompts: int
+    eval_samples_per_prompt: int
+    ppo_steps: int  # PPO iterations timed
+    repeats: int  # repeats of the non-training timings (peak, generate, evaluate)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------ driver
+def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int = 20, ppo_steps: int = 3,
+             repeats: int = 3, vs_trl: bool = False, address: str | None = None) -> dict:
+    """Prepare (or reuse) the env, run every part in its own process, return the numbers."""
+    from bench.export import SET_KEYS, export_env, export_suite, is_allowed, prepared_env
+    from bench.run import UserError
+
+    if steps < 1 or ppo_steps < 1 or repeats < 1:
+        raise UserError("--steps, --ppo-steps and --repeats must be >= 1")
+    # validated like a run's env section, plus the shapes (train.batch_size, train.lr, eval.*)
+    suite = export_suite(env_name, overrides, seed, command="perf", allowed=SET_KEYS + ("train", "eval"))
+    env_dir = prepared_env(suite, seed, address)
+    config = PerfConfig(
+        env_dir=str(env_dir), export_dir=None, steps=steps, batch_size=suite.train.batch_size, lr=suite.train.lr,
+        beta=0.1, max_new_tokens=suite.eval.max_new_tokens, eval_num_prompts=suite.eval.num_prompts,
+        eval_samples_per_prompt=suite.eval.samples_per_prompt, ppo_steps=ppo_steps, repeats=repeats, seed=seed,
+    )
+    results: dict = {"env": env_name, "env_dir": str(env_dir), "config": dataclasses.asdict(config)}
+    with tempfile.TemporaryDirectory(prefix="prefbench-perf-") as tmp:
+        if vs_trl:
+            env_sets = [o for o in overrides if is_allowed(o.split("=", 1)[0].strip(), SET_KEYS)]
+            config.export_dir = str(export_env(env_name, Path(tmp) / "export", env_sets, seed=seed, address=address))
+        parts = ["peak", "dpo", "rm", "ppo"] + (["trl"] if vs_trl else [])
+        for part in parts:
+            results[part] = _run_part(part, config, Path(tmp))
+    results.update(_ratios(results))
+    results["versions"] = _versions(vs_trl)
+    return results
+
+
+def _run_part(part: str, config: PerfConfig, tmp: Path) -> dict:
+    """One part in a fresh Python process; its numbers come back as JSON (and its peak RSS)."""
+    from bench import say
+
+    cfg, out = tmp / f"{part}.config.json", tmp / f"{part}.json"
+    cfg.write_text(json.dumps(dataclasses.asdict(config)))
+    say(f"[prefbench] perf: {part}")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.perf", part, str(cfg), str(out)],
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"perf part {part} failed: {tail}")
+    numbers = json.loads(out.read_text())
+    numbers["process_s"] = round(time.perf_counter() - t0, 2)
+    return numbers
+
+
+def _ratios(r: dict) -> dict:
+    out = {}
+    peak = r["peak"]["fp32_flops"]
+    for part, key in (("dpo", "train"), ("rm", "train")):
+        out[f"{part}_fraction_of_fp32_peak"] = r[part][key]["flops"] / peak
+    out["ppo_update_fraction_of_fp32_peak"] = r["ppo"]["update"]["flops"] / peak
+    if "trl" in r:
+        out["dpo_vs_trl"] = r["dpo"]["train"]["tokens_per_s"] / r["trl"]["dpo"]["tokens_per_s"]
+        out["rm_vs_trl"] = r["rm"]["train"]["tokens_per_s"] / r["trl"]["rm"]["tokens_per_s"]
+    return out
+
+
+def _versions(vs_trl: bool) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    for name in ("torch", "deepspeed", "transformers") + (("trl", "accelerate") if vs_trl else ()):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# ---------------------------------------------------------------------------- measurements
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -38,98 +140,314 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_perf(repeats: int = 5, threads: int | None = None) -> dict:
-    from algorithms.dpo import DPO, DPOParams
-    from algorithms.interface import EnvData, TrainContext, TrainSettings, plain_optimizer
+class StepClock:
+    """Timestamps after each optimizer step: wraps `optimize` (ours) or is fed by a callback (TRL)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def wrap(self, optimize: Callable) -> Callable:
+        def timed(loss):
+            out = optimize(loss)
+            self.tick()
+            return out
+
+        return timed
+
+    def median_step_s(self) -> float:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])][WARMUP_STEPS - 1:]
+        return statistics.median(gaps)
+
+    def setup_s(self) -> float:
+        """From the start to the first step's end, less one median step: encoding, reference log-probs."""
+        return self.stamps[0] - self.start - self.median_step_s()
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def pair_tokens(tokenizer, pairs) -> float:
+    """Mean non-pad tokens of one pair's two training sequences: prompt (+BOS) + completion + EOS, twice."""
+    prompts = [list(x) for x in tokenizer(pairs["prompt"].tolist(), add_special_tokens=True)["input_ids"]]
+    total = 0
+    for column in ("chosen", "rejected"):
+        completions = tokenizer(pairs[column].tolist(), add_special_tokens=False)["input_ids"]
+        total += sum(len(p) + len(c) + 1 for p, c in zip(prompts, completions))
+    return total / len(pairs)
+
+
+def train_numbers(clock: StepClock, tokens_per_step: float, n: int, steps: int) -> dict:
+    step_s = clock.median_step_s()
+    return {"step_s": step_s, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / step_s,
+            "flops": 6 * n * tokens_per_step / step_s, "setup_s": clock.setup_s(), "steps": steps, "params": n}
+
+
+def part_peak(cfg: PerfConfig) -> dict:
+    import torch
+
+    out = {"threads": torch.get_num_threads()}
+    size = 2048
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        out[f"{name}_flops"] = 2 * size**3 / _median_time(lambda: torch.mm(a, b), max(cfg.repeats, 3))
+    return out
+
+
+def _settings(cfg: PerfConfig, steps: int):
+    from algorithms.interface import TrainSettings
+
+    return TrainSettings(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0, eval_every=10**9)
+
+
+def _deepspeed(trainables, settings):
     from bench.config import DeepSpeedSettings
+    from bench.worker import single_process_dist_env, wrap_with_deepspeed
+
+    single_process_dist_env()
+    return wrap_with_deepspeed(trainables, settings, DeepSpeedSettings(), 1)
+
+
+def part_dpo(cfg: PerfConfig) -> dict:
+    """Our DPO (DeepSpeed ZeRO-0), then generation at several batch sizes and one evaluation."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from algorithms.dpo import DPO, DPOParams
+    from algorithms.interface import EnvData, TrainContext
+    from algorithms.policy import Policy
     from bench.evaluate import EvalSet, evaluate
-    from bench.worker import _quiet, single_process_dist_env, wrap_with_deepspeed
-    from envs import ENVS
+    from envs.base import load_env_data
+
+    data = load_env_data(Path(cfg.env_dir))
+    sft = Path(cfg.env_dir) / "sft"
+    policy, reference = Policy.from_pretrained(sft), Policy.from_pretrained(sft, frozen=True)
+    settings = _settings(cfg, cfg.steps + WARMUP_STEPS)
+    clock = StepClock()
+    optimize = clock.wrap(_deepspeed(policy, settings))
+    ctx = TrainContext(policy=policy, reference=reference, params=DPOParams(beta=cfg.beta), train=settings,
+                       data=EnvData([], [], data.pairs, pd.DataFrame()), optimize=optimize,
+                       evaluate=lambda *a, **k: {}, seed=cfg.seed)
+    clock.start = time.perf_counter()
+    DPO().train(ctx)
+    out = {"train": train_numbers(clock, cfg.batch_size * pair_tokens(policy.tokenizer, data.pairs),
+                                  n_params(policy.model), cfg.steps)}
+
+    policy.model.eval()
+    n = n_params(reference.model)
+    prompts = data.eval_prompts or data.train_prompts
+    gen = {}
+    for bs in GENERATE_BATCHES:
+        batch = (prompts * (bs // len(prompts) + 1))[:bs]
+        tokens = []
+
+        def sample():
+            roll = reference.generate(batch, n=1, temperature=1.0, max_new_tokens=cfg.max_new_tokens, seed=len(tokens))
+            tokens.append(int(roll.lengths.sum()))
+
+        t = _median_time(sample, cfg.repeats)
+        per_s = statistics.median(tokens) / t
+        gen[str(bs)] = {"s": t, "tokens": statistics.median(tokens), "tokens_per_s": per_s, "flops": 2 * n * per_s}
+    out["generate"] = gen
+
+    k = min(cfg.eval_num_prompts, len(data.eval_prompts))
+    evalset = EvalSet(prompts=data.eval_prompts[:k], reference_gold=np.full(k, 0.5), gold=lambda p, c: np.zeros(len(c)))
+    with torch.no_grad():
+        out["evaluate"] = {"s": _median_time(lambda: evaluate(
+            reference, reference, evalset, temperature=1.0, samples_per_prompt=cfg.eval_samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens), cfg.repeats), "prompts": k, "samples_per_prompt": cfg.eval_samples_per_prompt,
+            "note": "gold reward not included (it is the env's: VADER ~0.1 ms per text, a classifier or a judge elsewhere)"}
+    return out
+
+
+def part_rm(cfg: PerfConfig) -> dict:
+    """Our Bradley–Terry reward-model training (DeepSpeed ZeRO-0)."""
+    from algorithms.reward_model import RewardModelParams, ScalarModel, train_reward_model
+    from envs.base import load_env_data
+
+    pairs = load_env_data(Path(cfg.env_dir)).pairs
+    rm = ScalarModel.from_pretrained(Path(cfg.env_dir) / "sft")
+    steps = cfg.steps + WARMUP_STEPS
+    params = RewardModelParams(epochs=steps * cfg.batch_size / len(pairs), batch_size=cfg.batch_size, lr=cfg.lr,
+                               warmup_steps=0)
+    clock = StepClock()
+    optimize = clock.wrap(_deepspeed(rm, params.train_settings(len(pairs))))
+    clock.start = time.perf_counter()
+    train_reward_model(rm, pairs, pairs.iloc[:0], params, optimize, seed=cfg.seed)
+    return {"train": train_numbers(clock, cfg.batch_size * pair_tokens(rm.tokenizer, pairs), n_params(rm.head), cfg.steps)}
+
+
+def part_ppo(cfg: PerfConfig) -> dict:
+    """Our PPO with a critic (one DeepSpeed engine for both) against a scalar reward model.
+
+    rollout = the policy's generation; update = the rest of the iteration (reward-model scoring, the
+    no-grad policy / reference / critic passes, GAE, ppo_epochs of policy + critic steps)."""
+    import pandas as pd
+
+    from algorithms.interface import EnvData, TrainContext
+    from algorithms.policy import Policy
+    from algorithms.ppo import PPO, PPOParams
+    from algorithms.reward_model import ScalarModel
+    from envs.base import load_env_data
+
+    data = load_env_data(Path(cfg.env_dir))
+    sft = Path(cfg.env_dir) / "sft"
+    policy, reference = Policy.from_pretrained(sft), Policy.from_pretrained(sft, frozen=True)
+    critic = ScalarModel.from_pretrained(sft, zero_head=True)
+    reward_model = ScalarModel.from_pretrained(sft).freeze()  # any scalar model costs the same to query
+    steps = cfg.ppo_steps + 1  # the first iteration is the warm-up
+    settings = _settings(cfg, steps)
+    optimize = _deepspeed([policy, critic], settings)
+    params = PPOParams()
+    iters = [{"rollout_s": 0.0, "generated": 0, "tokens": 0}]  # per iteration; the log call closes one
+    generate = policy.generate
+
+    def timed_generate(*args, **kwargs):  # PPO's rollout samples through ctx.policy.generate
+        t0 = time.perf_counter()
+        roll = generate(*args, **kwargs)
+        it = iters[-1]
+        it["rollout_s"] += time.perf_counter() - t0
+        it["generated"] += int(roll.lengths.sum())
+        it["tokens"] += int(roll.lengths.sum()) + sum(len(p) for p in roll.prompt_ids)
+        return roll
+
+    def log(step, metrics):
+        iters[-1]["end"] = time.perf_counter()
+        iters.append({"rollout_s": 0.0, "generated": 0, "tokens": 0})
+
+    policy.generate = timed_generate
+    ctx = TrainContext(policy=policy, reference=reference, params=params, train=settings,
+                       data=EnvData(data.train_prompts, [], pd.DataFrame(), pd.DataFrame()), optimize=optimize,
+                       evaluate=lambda *a, **k: {}, log=log, reward_model=reward_model, critic=critic,
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    start = time.perf_counter()
+    PPO("ppo", reward="reward_model").train(ctx)
+    done = iters[:-1]
+    for it, begin in zip(done, [start] + [i["end"] for i in done[:-1]]):
+        it["s"] = it["end"] - begin
+    done = done[1:]  # the first iteration is the warm-up
+    total = statistics.median(i["s"] for i in done)
+    roll = statistics.median(i["rollout_s"] for i in done)
+    gen_tokens = statistics.median(i["generated"] for i in done)
+    tokens = statistics.median(i["tokens"] for i in done)
+    update = total - roll
+    n_policy, n_critic = n_params(policy.model), n_params(critic.head)
+    # per iteration: no-grad forwards of policy, reference and critic over the batch, then
+    # ppo_epochs passes of policy + critic forward/backward (6·N per token)
+    update_flops = tokens * (2 * (2 * n_policy + n_critic) + params.ppo_epochs * 6 * (n_policy + n_critic))
+    return {
+        "iteration_s": total, "iterations": len(done), "batch_size": cfg.batch_size, "ppo_epochs": params.ppo_epochs,
+        "rollout": {"s": roll, "tokens": gen_tokens, "tokens_per_s": gen_tokens / roll,
+                    "flops": 2 * n_policy * gen_tokens / roll},
+        "update": {"s": update, "tokens": tokens, "tokens_per_s": params.ppo_epochs * tokens / update,
+                   "flops": update_flops / update},
+    }
+
+
+def part_trl(cfg: PerfConfig) -> dict:
+    """TRL's DPOTrainer and RewardTrainer on the export, as their docs configure them, fp32 on CPU."""
+    import pandas as pd
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    export = Path(cfg.export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export / "sft")
+    pairs = pd.read_parquet(export / "pairs.parquet")[["prompt", "chosen", "rejected"]]
+    dataset = Dataset.from_pandas(pairs, preserve_index=False)
+    steps = cfg.steps + WARMUP_STEPS
+    # prefbench's own strings (no TRL leading space) give the same token ids: count tokens identically
+    ours = pairs.assign(chosen=pairs["chosen"].str.removeprefix(" "), rejected=pairs["rejected"].str.removeprefix(" "))
+    tokens_per_step = cfg.batch_size * pair_tokens(tokenizer, ours)
+    common = dict(output_dir=str(export / "trl-out"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
+                  learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                  use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True,
+                  dataloader_num_workers=0, seed=cfg.seed, bf16=False)
+
+    class Clock(TrainerCallback):
+        def __init__(self, clock: StepClock):
+            self.clock = clock
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.clock.tick()
+
+    out = {"settings": {"dpo": "DPOConfig(precompute_ref_log_probs=True, beta, lr, batch, fp32, use_cpu); "
+                               "padding_free needs flash-attention (GPU)", "rm": "RewardConfig(batch, lr, fp32, use_cpu)"}}
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(export / "sft")
+    clock = StepClock()
+    trainer = DPOTrainer(model=model, args=DPOConfig(beta=cfg.beta, precompute_ref_log_probs=True, **common),
+                         train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock(clock)])
+    clock.start = time.perf_counter()
+    trainer.train()
+    out["dpo"] = train_numbers(clock, tokens_per_step, n_params(model), cfg.steps)
+
+    torch.manual_seed(cfg.seed)
+    rm = AutoModelForSequenceClassification.from_pretrained(export / "sft", num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    clock = StepClock()
+    trainer = RewardTrainer(model=rm, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[Clock(clock)])
+    clock.start = time.perf_counter()
+    trainer.train()
+    out["rm"] = train_numbers(clock, tokens_per_step, n_params(rm), cfg.steps)
+    return out
+
+
+PARTS = {"peak": part_peak, "dpo": part_dpo, "rm": part_rm, "ppo": part_ppo, "trl": part_trl}
+
+
+# ------------------------------------------------------------------------------------ output
+def format_perf(r: dict) -> str:
+    c, peak = r["config"], r["peak"]
+    g = 1e9
+    lines = [
+        f"prefbench perf: env {r['env']} ({r['env_dir']})",
+        f"  {c['steps']} timed steps (+{WARMUP_STEPS} warm-up) x {c['batch_size']} per step, lr {c['lr']}, fp32, "
+        f"{peak['threads']} threads; medians; tokens = prompt + completion (+EOS) of every trained sequence",
+        f"  machine peak     fp32 matmul {peak['fp32_flops'] / g:7.1f} GFLOP/s   bf16 {peak['bf16_flops'] / g:7.1f} GFLOP/s",
+    ]
+
+    def train_line(label: str, t: dict, vs: dict | None = None) -> str:
+        line = (f"  {label:16s} {t['tokens_per_s']:9.0f} tokens/s  {1000 * t['step_s']:7.1f} ms/step  "
+                f"{t['flops'] / g:6.2f} GFLOP/s = {t['flops'] / peak['fp32_flops']:6.1%} of fp32 peak  "
+                f"(setup {t['setup_s']:.1f} s)")
+        return line + (f"   x{t['tokens_per_s'] / vs['tokens_per_s']:.2f} of TRL" if vs else "")
+
+    trl = r.get("trl")
+    lines.append(train_line("DPO train", r["dpo"]["train"], trl and trl["dpo"]))
+    if trl:
+        lines.append(train_line("  TRL DPOTrainer", trl["dpo"]))
+    lines.append(train_line("RM train", r["rm"]["train"], trl and trl["rm"]))
+    if trl:
+        lines.append(train_line("  TRL RewardTr.", trl["rm"]))
+    p = r["ppo"]
+    lines.append(f"  PPO iteration    {p['iteration_s']:.2f} s ({p['batch_size']} prompts, {p['ppo_epochs']} epochs): "
+                 f"rollout {p['rollout']['s']:.2f} s = {p['rollout']['tokens_per_s']:.0f} tokens/s; "
+                 f"update {p['update']['s']:.2f} s = {p['update']['tokens_per_s']:.0f} tokens/s, "
+                 f"{p['update']['flops'] / peak['fp32_flops']:.1%} of fp32 peak")
+    gen = r["dpo"]["generate"]
+    lines.append("  generate T=1     " + "  ".join(f"b{bs}: {v['tokens_per_s']:.0f}" for bs, v in gen.items()) + " tokens/s")
+    e = r["dpo"]["evaluate"]
+    lines.append(f"  evaluate         {e['s']:.2f} s per point ({e['prompts']} prompts x {e['samples_per_prompt']} "
+                 f"samples, T=1, without the gold reward)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    part, cfg_path, out_path = sys.argv[1:4]
+    from bench.worker import _quiet
 
     _quiet()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    env = ENVS.get("tiny-sentiment")
-    params = env.params_cls(num_reviews=2000, num_train_prompts=256, num_eval_prompts=256)
-    workdir = Path(tempfile.mkdtemp(prefix="prefbench-perf-"))
-    env.build(params, 0, workdir)
-    prompts = json.loads((workdir / "prompts.json").read_text())["eval"]  # tiny-sentiment's held-out openings
-    policy = env.load_policy(workdir, "init")
-    reference = env.load_policy(workdir, "init").freeze()
-    n, new = 4, 32
-    results: dict[str, float] = {}
-
-    # generation: wrapper vs bare HF generate on identical left-padded input
-    roll = policy.generate(prompts, n=n, temperature=1.0, max_new_tokens=new, seed=0)
-    tokens = int(roll.lengths.sum())
-    flat = [ids for ids in policy.encode_prompts(prompts) for _ in range(n)]
-    width = max(len(x) for x in flat)
-    pad = policy.tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in flat])
-    mask = (input_ids != pad).long()
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                           eos_token_id=policy.tokenizer.eos_token_id, pad_token_id=pad)
-
-    def bare():
-        with torch.no_grad():
-            policy.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg)
-
-    results["generate_bare_s"] = _median_time(bare, repeats)
-    results["generate_policy_s"] = _median_time(
-        lambda: policy.generate(prompts, n=n, temperature=1.0, max_new_tokens=new, seed=0), repeats)
-    results["generate_tokens"] = tokens
-    results["generate_policy_tokens_per_s"] = tokens / results["generate_policy_s"]
-    results["score_s"] = _median_time(
-        lambda: reference.sequence_logps_batched(roll.prompt_ids, roll.completion_ids), repeats)
-
-    # one DPO step, plain vs DeepSpeed (same data, same settings)
-    pairs = pd.DataFrame({"prompt": roll.prompts[0::2][:512], "chosen": roll.completions[0::2][:512],
-                          "rejected": roll.completions[1::2][:512]})
-    steps = 4 * repeats + 1  # the median step of these (the first is dropped)
-    train = TrainSettings(steps=steps, batch_size=32, lr=1e-4, warmup_steps=1, eval_every=10**6)
-
-    def dpo_step_time(p, optimize) -> float:
-        step_times: list[float] = []
-        last = [time.perf_counter()]
-
-        def log(step, metrics):
-            now = time.perf_counter()
-            step_times.append(now - last[0])
-            last[0] = now
-
-        ctx = TrainContext(policy=p, reference=reference, params=DPOParams(beta=0.5), train=train,
-                           data=EnvData([], [], pairs, pd.DataFrame()), optimize=optimize,
-                           evaluate=lambda *a, **k: last.__setitem__(0, time.perf_counter()) or {}, log=log)
-        DPO().train(ctx)
-        return statistics.median(step_times[1:])  # the first step pays for warm-up
-
-    plain = env.load_policy(workdir, "init")
-    results["dpo_step_plain_s"] = dpo_step_time(plain, plain_optimizer(plain, train=train))
-    single_process_dist_env()
-    ds = env.load_policy(workdir, "init")
-    results["dpo_step_deepspeed_s"] = dpo_step_time(ds, wrap_with_deepspeed(ds, train, DeepSpeedSettings(), 1))
-
-    # one evaluation at T = 1 (the reference against itself: same work as any trial's evaluation)
-    evalset = EvalSet(prompts=prompts, reference_gold=np.full(len(prompts), 0.5), gold=env.gold)
-    results["evaluate_s"] = _median_time(
-        lambda: evaluate(policy, reference, evalset, temperature=1.0, samples_per_prompt=n, max_new_tokens=new),
-        repeats)
-    results["ratio_generate_policy_vs_bare"] = results["generate_policy_s"] / results["generate_bare_s"]
-    results["ratio_dpo_deepspeed_vs_plain"] = results["dpo_step_deepspeed_s"] / results["dpo_step_plain_s"]
-    results["threads"] = torch.get_num_threads()
-    results["repeats"] = repeats
-    return results
+    cfg = PerfConfig(**json.loads(Path(cfg_path).read_text()))
+    Path(out_path).write_text(json.dumps(PARTS[part](cfg)))
 
 
-def format_perf(r: dict) -> str:
-    return "\n".join([
-        f"prefbench perf (median of {r['repeats']}, {r['threads']} threads; tiny-sentiment shapes, 1024 samples × ≤32 tokens)",
-        f"  generate  bare HF      {r['generate_bare_s']:.3f} s",
-        f"  generate  Policy       {r['generate_policy_s']:.3f} s  ({r['generate_policy_tokens_per_s']:.0f} tokens/s; "
-        f"×{r['ratio_generate_policy_vs_bare']:.2f} of bare)",
-        f"  score     1024 seqs    {r['score_s']:.3f} s",
-        f"  DPO step  plain torch  {1000 * r['dpo_step_plain_s']:.1f} ms",
-        f"  DPO step  DeepSpeed-0  {1000 * r['dpo_step_deepspeed_s']:.1f} ms  (×{r['ratio_dpo_deepspeed_vs_plain']:.2f} of plain)",
-        f"  evaluate  T=1          {r['evaluate_s']:.3f} s",
-    ])
+if __name__ == "__main__":
+    main()

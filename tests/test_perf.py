@@ -1,0 +1,54 @@
+"""`prefbench perf`: every part measured, rates consistent, TRL on the same work (subprocesses: each
+part initialises DeepSpeed or TRL in its own process). After test_e2e.py by name: the e2e env is
+then already in the shared cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_perf_measures_every_part_against_peak_and_trl(tmp_path, e2e_cache):
+    """`prefbench perf --vs trl` on the e2e env (shared cache): every part runs, rates are positive and
+    consistent (tokens/s = tokens per step / step time), fractions of peak are fractions, ratios vs TRL exist."""
+    out = tmp_path / "perf.json"
+    sets = [a for p in ("num_reviews=1500", "sft_epochs=1", "num_train_prompts=100", "num_eval_prompts=32",
+                        "n_layer=2", "n_embd=64") for a in ("--set", f"env.params.{p}")]
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "perf", *sets, "--steps", "3", "--ppo-steps", "1",
+                           "--repeats", "1", "--vs", "trl", "--json", str(out)], capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "PREFBENCH_CACHE": str(e2e_cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRL DPOTrainer" in proc.stdout and "of fp32 peak" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["peak"]["fp32_flops"] > 1e8 and r["peak"]["bf16_flops"] > 1e8
+    for train in (r["dpo"]["train"], r["rm"]["train"], r["trl"]["dpo"], r["trl"]["rm"]):
+        assert train["tokens_per_s"] == pytest.approx(train["tokens_per_step"] / train["step_s"])
+        assert 0 < train["flops"] < 2 * r["peak"]["fp32_flops"]
+    # both sides count the same tokens: same pairs, same batch size, same token ids
+    assert r["dpo"]["train"]["tokens_per_step"] == pytest.approx(r["trl"]["dpo"]["tokens_per_step"])
+    assert r["dpo_vs_trl"] > 0 and r["rm_vs_trl"] > 0
+    assert set(r["dpo"]["generate"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert r["ppo"]["rollout"]["tokens_per_s"] > 0 and r["ppo"]["update"]["s"] > 0
+    assert r["dpo"]["evaluate"]["s"] > 0 and r["versions"]["trl"] != "not installed"
+
+
+def test_perf_rejects_keys_that_are_not_env_or_shapes():
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--set", "algorithms=[]"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("prefbench: error: --set algorithms: perf takes env.params.*")
+    assert "Traceback" not in proc.stderr
+
+
+def test_step_clock_takes_the_median_after_the_warm_up():
+    from bench.perf import WARMUP_STEPS, StepClock
+
+    clock = StepClock()
+    clock.start = 0.0
+    clock.stamps = [5.0, 6.0, 6.5, 7.0, 7.5, 8.0, 10.0]  # warm-up gaps, then 0.5 s steps and one 2 s outlier
+    assert WARMUP_STEPS == 3 and clock.median_step_s() == 0.5
+    assert clock.setup_s() == 4.5  # to the first step's end (5 s), less one median step
