@@ -17,8 +17,10 @@ trial; the parts do not share warm caches):
 Rates are tokens per second: non-pad tokens of prompt + completion (+ EOS) of every sequence a
 step trains on (a DPO or RM step: chosen and rejected of `batch_size` pairs), over the median
 interval between consecutive optimizer steps after `WARMUP_STEPS` (so both sides pay for batch
-collation, forward, backward and the optimizer step, and neither pays for set-up; the one-time
-reference log-prob pass is reported as `setup_s`). Model FLOPs are 6·N·tokens for training and
+collation, forward, backward and the optimizer step, and neither pays for set-up). `setup_s` is the
+time from building the trainer (ours: the DeepSpeed engine; TRL: the Trainer, which tokenises the
+dataset) to the end of the first step, less one median step: tokenisation, engine set-up and the
+one-time reference log-prob pass (ours: the pairs the timed steps use; TRL: the whole dataset). Model FLOPs are 6·N·tokens for training and
 2·N·tokens for a forward pass (generation: generated tokens), N = all parameters; the fraction of
 peak is against the fp32 matmul rate measured in the same command. The machine is shared and
 noisy: compare ratios from one command, not absolute numbers across commands.
@@ -233,7 +235,6 @@ def part_dpo(cfg: PerfConfig) -> dict:
     ctx = TrainContext(policy=policy, reference=reference, params=DPOParams(beta=cfg.beta), train=settings,
                        data=EnvData([], [], data.pairs, pd.DataFrame()), optimize=optimize,
                        evaluate=lambda *a, **k: {}, seed=cfg.seed)
-    clock.start = time.perf_counter()
     DPO().train(ctx)
     out = {"train": train_numbers(clock, cfg.batch_size * pair_tokens(policy.tokenizer, data.pairs),
                                   n_params(policy.model), cfg.steps)}
@@ -277,7 +278,6 @@ def part_rm(cfg: PerfConfig) -> dict:
                                warmup_steps=0)
     clock = StepClock()
     optimize = clock.wrap(_deepspeed(rm, params.train_settings(len(pairs))))
-    clock.start = time.perf_counter()
     train_reward_model(rm, pairs, pairs.iloc[:0], params, optimize, seed=cfg.seed)
     return {"train": train_numbers(clock, cfg.batch_size * pair_tokens(rm.tokenizer, pairs), n_params(rm.head), cfg.steps)}
 
@@ -384,7 +384,6 @@ def part_trl(cfg: PerfConfig) -> dict:
     clock = StepClock()
     trainer = DPOTrainer(model=model, args=DPOConfig(beta=cfg.beta, precompute_ref_log_probs=True, **common),
                          train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock(clock)])
-    clock.start = time.perf_counter()
     trainer.train()
     out["dpo"] = train_numbers(clock, tokens_per_step, n_params(model), cfg.steps)
 
@@ -394,7 +393,6 @@ def part_trl(cfg: PerfConfig) -> dict:
     clock = StepClock()
     trainer = RewardTrainer(model=rm, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[Clock(clock)])
-    clock.start = time.perf_counter()
     trainer.train()
     out["rm"] = train_numbers(clock, tokens_per_step, n_params(rm), cfg.steps)
     return out
