@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--steps", type=int, default=20, help="timed optimizer steps per training measurement (median)")
     perf.add_argument("--ppo-steps", type=int, default=3, help="timed PPO iterations (median)")
     perf.add_argument("--repeats", type=int, default=3, help="repeats of the peak, generation and evaluation timings")
+    perf.add_argument("--rounds", type=int, default=1,
+                      help="run every part this many times, interleaved, and report medians (a noisy machine)")
     perf.add_argument("--vs", choices=["trl"], help="also train TRL's DPOTrainer and RewardTrainer on the same work")
     perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     perf.add_argument("--address", help="Ray cluster address, only to prepare an env that is not cached yet")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.perf import format_perf, run_perf
 
             numbers = run_perf(args.env, args.overrides, seed=args.seed, steps=args.steps, ppo_steps=args.ppo_steps,
-                               repeats=args.repeats, vs_trl=args.vs == "trl", address=args.address)
+                               repeats=args.repeats, rounds=args.rounds, vs_trl=args.vs == "trl", address=args.address)
             print(format_perf(numbers))
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps(numbers, indent=2))

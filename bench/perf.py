@@ -61,13 +61,14 @@ class PerfConfig:
 
 # ------------------------------------------------------------------------------------ driver
 def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int = 20, ppo_steps: int = 3,
-             repeats: int = 3, vs_trl: bool = False, address: str | None = None) -> dict:
-    """Prepare (or reuse) the env, run every part in its own process, return the numbers."""
+             repeats: int = 3, rounds: int = 1, vs_trl: bool = False, address: str | None = None) -> dict:
+    """Prepare (or reuse) the env, run every part in its own process `rounds` times (interleaved, so
+    a slow spell of a shared machine hits ours and TRL alike), return the medians over rounds."""
     from bench.export import SET_KEYS, export_env, export_suite, is_allowed, prepared_env
     from bench.run import UserError
 
-    if steps < 1 or ppo_steps < 1 or repeats < 1:
-        raise UserError("--steps, --ppo-steps and --repeats must be >= 1")
+    if min(steps, ppo_steps, repeats, rounds) < 1:
+        raise UserError("--steps, --ppo-steps, --repeats and --rounds must be >= 1")
     # validated like a run's env section, plus the shapes (train.batch_size, train.lr, eval.*)
     suite = export_suite(env_name, overrides, seed, command="perf", allowed=SET_KEYS + ("train", "eval"))
     env_dir = prepared_env(suite, seed, address)
@@ -82,8 +83,13 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
             env_sets = [o for o in overrides if is_allowed(o.split("=", 1)[0].strip(), SET_KEYS)]
             config.export_dir = str(export_env(env_name, Path(tmp) / "export", env_sets, seed=seed, address=address))
         parts = ["peak", "dpo", "rm", "ppo"] + (["trl"] if vs_trl else [])
+        runs: dict[str, list[dict]] = {part: [] for part in parts}
+        for _ in range(rounds):
+            for part in parts:
+                runs[part].append(_run_part(part, config, Path(tmp)))
         for part in parts:
-            results[part] = _run_part(part, config, Path(tmp))
+            results[part] = median_merge(runs[part])
+    results["rounds"] = rounds
     results.update(_ratios(results))
     results["versions"] = _versions(vs_trl)
     return results
@@ -105,6 +111,20 @@ def _run_part(part: str, config: PerfConfig, tmp: Path) -> dict:
     numbers = json.loads(out.read_text())
     numbers["process_s"] = round(time.perf_counter() - t0, 2)
     return numbers
+
+
+def median_merge(runs: list[dict]) -> dict:
+    """The element-wise median of several runs' nested numbers (other values: the first run's)."""
+    out = {}
+    for key, first in runs[0].items():
+        values = [r[key] for r in runs]
+        if isinstance(first, dict):
+            out[key] = median_merge(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = first
+    return out
 
 
 def _ratios(r: dict) -> dict:
@@ -408,7 +428,8 @@ def format_perf(r: dict) -> str:
     lines = [
         f"prefbench perf: env {r['env']} ({r['env_dir']})",
         f"  {c['steps']} timed steps (+{WARMUP_STEPS} warm-up) x {c['batch_size']} per step, lr {c['lr']}, fp32, "
-        f"{peak['threads']} threads; medians; tokens = prompt + completion (+EOS) of every trained sequence",
+        f"{peak['threads']} threads; medians over steps and {r['rounds']} round(s); tokens = prompt + completion (+EOS) "
+        "of every trained sequence",
         f"  machine peak     fp32 matmul {peak['fp32_flops'] / g:7.1f} GFLOP/s   bf16 {peak['bf16_flops'] / g:7.1f} GFLOP/s",
     ]
 

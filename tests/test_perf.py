@@ -52,3 +52,11 @@ def test_step_clock_takes_the_median_after_the_warm_up():
     clock.stamps = [5.0, 6.0, 6.5, 7.0, 7.5, 8.0, 10.0]  # warm-up gaps, then 0.5 s steps and one 2 s outlier
     assert WARMUP_STEPS == 3 and clock.median_step_s() == 0.5
     assert clock.setup_s() == 4.5  # to the first step's end (5 s), less one median step
+
+
+
+def test_rounds_merge_to_element_wise_medians():
+    from bench.perf import median_merge
+
+    runs = [{"a": 1.0, "b": {"c": 10, "d": "x"}}, {"a": 3.0, "b": {"c": 30, "d": "y"}}, {"a": 2.0, "b": {"c": 20, "d": "z"}}]
+    assert median_merge(runs) == {"a": 2.0, "b": {"c": 20, "d": "x"}}
