@@ -6,6 +6,11 @@ Every algorithm trains a `Policy` against a frozen reference `Policy`, and the o
 - A *prompt* is encoded with the tokenizer's special tokens (a BOS where the tokenizer adds one);
   a *completion* is encoded without them and ends with EOS when the model stopped on its own.
   Text completions given to `encode` get an EOS appended (TRL's convention for pairs).
+- Completion text is the decoded sampled tokens as they are, leading space included where a
+  sub-word tokenizer put one (" like", as TRL's pairs write it): prompt + completion is the text,
+  and encoding a sampled completion gives back the sampled ids. (Stripping it made byte-level BPE
+  models re-encode "like" instead of the sampled " like", so pair algorithms trained on token ids
+  the policy never produced.)
 - Log-probs are natural logs (nats). `token_logps` at temperature T scores the distribution that
   sampling at T draws from: softmax(logits / T). Temperature 0 means greedy decoding; it has no
   log-probs.
@@ -32,7 +37,7 @@ class Rollout:
 
     prompts: list[str]  # (N,) the prompt text of each sample
     prompt_index: np.ndarray  # (N,) index of the sample's prompt in the input list
-    completions: list[str]  # (N,) decoded completion text, special tokens removed
+    completions: list[str]  # (N,) decoded completion text, special tokens removed, NOT stripped (a leading space stays)
     prompt_ids: list[list[int]]  # (N, variable) prompt tokens, no padding
     completion_ids: list[list[int]]  # (N, variable) sampled tokens up to and including EOS
     temperature: float
@@ -196,7 +201,7 @@ class Policy:
         return Rollout(
             prompts=flat_prompts,
             prompt_index=index,
-            completions=[t.strip() for t in texts],
+            completions=texts,  # as decoded: encode_completions gives back the sampled ids (see the module doc)
             prompt_ids=flat_prompt_ids,
             completion_ids=completion_ids,
             temperature=float(temperature),

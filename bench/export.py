@@ -17,7 +17,8 @@ The env is prepared by `bench.run.prepare_env` with the suite that `--set` build
 cache key and the SFT stage (a Ray Train job) are those of `prefbench run`: an export of env X with
 params P and seed s IS the env a run with the same env section and seed uses, and shares its cache.
 A cached env is exported without starting Ray. Completions are stored with a leading space because
-TRL joins prompt and completion as strings (`prompt + chosen`); prefbench's own strings have none.
+TRL joins prompt and completion as strings (`prompt + chosen`): a sub-word model's samples have one
+already (" like"), a word-level env's ("like") get one here.
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ from envs import ENVS
 from envs.base import gold_fn
 env = ENVS.get("{suite.env.name}")
 gold = gold_fn(env, env.params_cls(**PARAMS), "{env_dir}")  # PARAMS: the params below
-scores = gold(prompts, [c.strip() for c in completions])
+scores = gold(prompts, completions)  # a leading space or none: both read as prompt + completion
 ```
 
 ## Environment
@@ -295,8 +296,9 @@ prefbench trains on `tokens(prompt)` (with the tokenizer's special tokens, e.g. 
 `tokens(completion)` (without special tokens) and EOS; a completion sampled up to `max_new_tokens` without
 stopping still gets the EOS when it is trained on. TRL (DPOTrainer, RewardTrainer) tokenises `prompt + completion`
 as one string, with the tokenizer's special tokens, after appending `eos_token` to chosen and rejected. So
-completions here carry a leading space (TRL's standard format, e.g. prompt "The sky is", chosen " blue."); strip
-it to get prefbench's strings. {tokens_line}
+completions here carry a leading space (TRL's standard format, e.g. prompt "The sky is", chosen " blue."): a
+sub-word model's samples start with one anyway; a word-level env's completions get one added here (its tokenizer
+splits on whitespace, so the ids are the same). {tokens_line}
 
 ## Train with TRL
 

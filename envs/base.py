@@ -173,10 +173,16 @@ def _vader():
     return SentimentIntensityAnalyzer()
 
 
+def join_text(prompt: str, completion: str) -> str:
+    """The text of prompt + completion: a completion that starts with whitespace (a sub-word model's
+    " like") follows the prompt directly, one that does not (a word-level model's "like") after a space."""
+    return prompt + completion if completion[:1].isspace() else f"{prompt} {completion}"
+
+
 def vader_gold(prompts: list[str], completions: list[str]) -> np.ndarray:
     """VADER's compound score of prompt + completion, mapped from [-1, 1] to [0, 1] (the sentiment envs' gold)."""
     score = _vader().polarity_scores
-    return np.array([(score(f"{p} {c}")["compound"] + 1) / 2 for p, c in zip(prompts, completions)])
+    return np.array([(score(join_text(p, c))["compound"] + 1) / 2 for p, c in zip(prompts, completions)])
 
 
 def write_env_data(

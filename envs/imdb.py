@@ -28,7 +28,7 @@ import pandas as pd
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
-from envs.base import finish_from_samples, sft_train_settings
+from envs.base import finish_from_samples, join_text, sft_train_settings
 from envs.hub import Unavailable, load_split, require_dataset, require_model
 
 BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -107,7 +107,7 @@ def _path(name: str) -> str:
 class Imdb:
     name = "imdb"
     params_cls = ImdbParams
-    version = 1  # part of the cache key: bump when what build/SFT/finish produce changes
+    version = 2  # part of the cache key: bump when what build/SFT/finish produce changes (2: unstripped completions)
 
     def __init__(self) -> None:
         self._classifiers: dict[str, tuple] = {}  # gold_model → (tokenizer, model, positive index), loaded once
@@ -142,10 +142,10 @@ class Imdb:
         return np.concatenate(out) if out else np.zeros(0)
 
     def gold_for(self, params: ImdbParams, workdir: Path | None = None):
-        """The gold reward of these params: P(positive) of `gold_model` on prompt + " " + completion."""
+        """The gold reward of these params: P(positive) of `gold_model` on prompt + completion (`join_text`)."""
 
         def gold(prompts: list[str], completions: list[str]) -> np.ndarray:
-            texts = [f"{p} {c}".strip() for p, c in zip(prompts, completions)]
+            texts = [join_text(p, c).strip() for p, c in zip(prompts, completions)]
             return self.p_positive(params.gold_model, texts, batch_size=params.gold_batch_size,
                                    max_length=params.gold_max_length)
 

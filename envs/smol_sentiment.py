@@ -81,7 +81,7 @@ class SmolSentimentParams:
 class SmolSentiment:
     name = "smol-sentiment"
     params_cls = SmolSentimentParams
-    version = 2  # part of the cache key: bump when what build/finish produce changes
+    version = 3  # part of the cache key: bump when what build/finish produce changes (3: unstripped completions)
 
     def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """VADER compound of prompt + completion, mapped from [-1, 1] to [0, 1]."""

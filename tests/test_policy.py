@@ -62,3 +62,20 @@ def test_reference_is_frozen_and_save_load_round_trips(policy, tmp_path, prompts
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "p").config.n_layer == 1
     assert AutoTokenizer.from_pretrained(tmp_path / "p").eos_token == "<eos>"
+
+
+def test_completion_text_is_the_decoded_sample_unstripped_with_a_sub_word_tokenizer(tmp_path):
+    """Pair algorithms and reward models re-encode completion TEXT: with a byte-level BPE model the
+    text must keep its leading space (" good"), or encoding it gives ids the policy never sampled."""
+    from tests.local_hub import save_tiny_gpt2
+
+    texts = ["the movie was really good and i liked it a lot", "a dull film with a weak plot and bad acting"] * 20
+    policy = Policy.from_pretrained(save_tiny_gpt2(tmp_path / "bpe", texts))
+    roll = policy.generate(["the movie was", "a dull"], n=8, temperature=1.0, max_new_tokens=12, seed=0)
+    assert roll.completions == policy.tokenizer.batch_decode(roll.completion_ids, skip_special_tokens=True)
+    assert any(c[:1].isspace() for c in roll.completions)
+    # a canonical sample, " really good": its text encodes back to it; stripped, it would not
+    ids = policy.encode_completions([" really good"], add_eos=False)[0]
+    text = policy.tokenizer.decode(ids, skip_special_tokens=True)
+    assert text == " really good" and policy.encode_completions([text], add_eos=False)[0] == ids
+    assert policy.encode_completions([text.strip()], add_eos=False)[0] != ids
