@@ -69,6 +69,11 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
 
     if min(steps, ppo_steps, repeats, rounds) < 1:
         raise UserError("--steps, --ppo-steps, --repeats and --rounds must be >= 1")
+    if vs_trl:
+        from importlib.util import find_spec
+
+        if find_spec("trl") is None:
+            raise UserError("--vs trl needs TRL installed (pip install trl)")
     # validated like a run's env section, plus the shapes (train.batch_size, train.lr, eval.*)
     suite = export_suite(env_name, overrides, seed, command="perf", allowed=SET_KEYS + ("train", "eval"))
     env_dir = prepared_env(suite, seed, address)
