@@ -101,7 +101,7 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
 
 
 def _run_part(part: str, config: PerfConfig, tmp: Path) -> dict:
-    """One part in a fresh Python process; its numbers come back as JSON (and its peak RSS)."""
+    """One part in a fresh Python process; its numbers come back as JSON (with the process's peak RSS)."""
     from bench import say
 
     cfg, out = tmp / f"{part}.config.json", tmp / f"{part}.json"
@@ -458,6 +458,9 @@ def format_perf(r: dict) -> str:
                  f"{p['update']['flops'] / peak['fp32_flops']:.1%} of fp32 peak")
     gen = r["dpo"]["generate"]
     lines.append("  generate T=1     " + "  ".join(f"b{bs}: {v['tokens_per_s']:.0f}" for bs, v in gen.items()) + " tokens/s")
+    lines.append("  peak RSS         " + "  ".join(
+        f"{part}: {r[part]['peak_rss_gib']:.2f} GiB" for part in ("dpo", "rm", "ppo", "trl") if part in r)
+        + "  (each part's process)")
     e = r["dpo"]["evaluate"]
     lines.append(f"  evaluate         {e['s']:.2f} s per point ({e['prompts']} prompts x {e['samples_per_prompt']} "
                  f"samples, T=1, without the gold reward)")
@@ -469,8 +472,12 @@ def main() -> None:
     from bench.worker import _quiet
 
     _quiet()
+    import resource
+
     cfg = PerfConfig(**json.loads(Path(cfg_path).read_text()))
-    Path(out_path).write_text(json.dumps(PARTS[part](cfg)))
+    numbers = PARTS[part](cfg)
+    numbers["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    Path(out_path).write_text(json.dumps(numbers))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_perf_measures_every_part_against_peak_and_trl(tmp_path, e2e_cache):
     assert set(r["dpo"]["generate"]) == {"1", "2", "4", "8", "16", "32", "64"}
     assert r["ppo"]["rollout"]["tokens_per_s"] > 0 and r["ppo"]["update"]["s"] > 0
     assert r["dpo"]["evaluate"]["s"] > 0 and r["versions"]["trl"] != "not installed"
+    assert all(0.1 < r[part]["peak_rss_gib"] < 64 for part in ("dpo", "rm", "ppo", "trl"))
 
 
 def test_perf_rejects_keys_that_are_not_env_or_shapes():
