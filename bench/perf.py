@@ -199,13 +199,15 @@ def n_params(model) -> int:
 
 
 def pair_tokens(tokenizer, pairs) -> float:
-    """Mean non-pad tokens of one pair's two training sequences: prompt (+BOS) + completion + EOS, twice."""
-    prompts = [list(x) for x in tokenizer(pairs["prompt"].tolist(), add_special_tokens=True)["input_ids"]]
-    total = 0
-    for column in ("chosen", "rejected"):
-        completions = tokenizer(pairs[column].tolist(), add_special_tokens=False)["input_ids"]
-        total += sum(len(p) + len(c) + 1 for p, c in zip(prompts, completions))
-    return total / len(pairs)
+    """Mean non-pad tokens of one pair's two training sequences, encoded as prefbench trains on them
+    (algorithms.policy: prompt with special tokens, completion + EOS), chosen and rejected."""
+    from algorithms.pairs import EncodedPairs
+    from algorithms.policy import Policy
+
+    enc = EncodedPairs.encode(Policy(None, tokenizer), pairs, "perf")  # tokenisation only: no model needed
+    chosen, rejected = enc.completion_lengths()
+    prompts = sum(len(ids) for ids in enc.prompt_ids)
+    return (2 * prompts + float(chosen.sum() + rejected.sum())) / len(enc)
 
 
 def train_numbers(clock: StepClock, tokens_per_step: float, n: int, steps: int) -> dict:
@@ -387,9 +389,8 @@ def part_trl(cfg: PerfConfig) -> dict:
     pairs = pd.read_parquet(export / "pairs.parquet")[["prompt", "chosen", "rejected"]]
     dataset = Dataset.from_pandas(pairs, preserve_index=False)
     steps = cfg.steps + WARMUP_STEPS
-    # prefbench's own strings (no TRL leading space) give the same token ids: count tokens identically
-    ours = pairs.assign(chosen=pairs["chosen"].str.removeprefix(" "), rejected=pairs["rejected"].str.removeprefix(" "))
-    tokens_per_step = cfg.batch_size * pair_tokens(tokenizer, ours)
+    # the export's strings are prefbench's (a word-level env's added leading space changes no ids): same count
+    tokens_per_step = cfg.batch_size * pair_tokens(tokenizer, pairs)
     common = dict(output_dir=str(export / "trl-out"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True,
