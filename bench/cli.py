@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--vs", choices=["trl"], help="also train TRL's DPOTrainer and RewardTrainer on the same work")
     perf.add_argument("--json", dest="json_out", help="also write the numbers to this JSON file")
     perf.add_argument("--address", help="Ray cluster address, only to prepare an env that is not cached yet")
+    perf.add_argument("--suite", nargs="?", const="", metavar="SUITE.yaml",
+                      help="instead: run a whole suite (default: quick) and report its wall time, start-up share and "
+                           "peak memory of all processes (--set applies to the suite)")
+    perf.add_argument("--cold", action="store_true",
+                      help="with --suite: an empty private cache, so the env and reward model are built too")
     return p
 
 
@@ -134,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             from bench.report import compare
 
             print(compare([Path(o) for o in args.outs], Path(args.dest) if args.dest else None), end="")
+        elif args.command == "perf" and args.suite is not None:
+            from bench.perf import format_suite_perf, run_suite_perf
+
+            numbers = run_suite_perf(args.suite or None, args.overrides, cold=args.cold, address=args.address)
+            print(format_suite_perf(numbers))
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(numbers, indent=2))
         elif args.command == "perf":
             from bench.perf import format_perf, run_perf
 

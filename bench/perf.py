@@ -427,6 +427,94 @@ def part_trl(cfg: PerfConfig) -> dict:
 PARTS = {"peak": part_peak, "dpo": part_dpo, "rm": part_rm, "ppo": part_ppo, "trl": part_trl}
 
 
+# --------------------------------------------------------------------------- a whole suite
+def tree_memory(root) -> tuple[float, float, int]:
+    """(PSS, RSS) in bytes of a process and all its descendants, and how many there are.
+
+    PSS (proportional set size) splits each shared page among the processes that map it, so the
+    sum over processes is what they occupy together; the RSS sum counts shared pages (libtorch,
+    Ray's shared object store) once per process and overstates it.
+    """
+    import psutil
+
+    pss = rss = 0
+    procs = [root] + root.children(recursive=True)
+    for proc in procs:
+        try:
+            mem = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        pss += getattr(mem, "pss", mem.rss)
+        rss += mem.rss
+    return float(pss), float(rss), len(procs)
+
+
+def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool = False, address: str | None = None,
+                   interval_s: float = 1.0) -> dict:
+    """Run a whole suite (`prefbench run`) in a child process and measure it from outside: wall
+    time, the peak memory of all its processes together (sampled every `interval_s`), and where the
+    time went (the run's own timing.json: start-up of Ray, the stages and the trials).
+
+    `cold`: a private, empty env/reward-model cache, so the env's SFT and the reward model are
+    built as on a fresh machine; otherwise the user's cache (what a second run pays).
+    """
+    import psutil
+
+    from bench.config import load_suite
+
+    load_suite(suite_path, overrides)  # a bad suite is one line, before anything starts
+    with tempfile.TemporaryDirectory(prefix="prefbench-perf-suite-") as tmp:
+        out = Path(tmp) / "run"
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if cold:
+            env["PREFBENCH_CACHE"] = str(Path(tmp) / "cache")
+        cmd = [sys.executable, "-m", "bench.cli", "run", *([suite_path] if suite_path else []), "--out", str(out)]
+        cmd += [a for o in overrides for a in ("--set", o)] + (["--address", address] if address else [])
+        log = Path(tmp) / "run.log"
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            root = psutil.Process(proc.pid)
+            peak = (0.0, 0.0, 0)
+            while proc.poll() is None:
+                sample = tree_memory(root)
+                peak = max(peak, sample)
+                time.sleep(interval_s)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+            raise RuntimeError(f"prefbench run failed (exit {proc.returncode}): {tail}")
+        timing = json.loads((out / "timing.json").read_text())
+    return {
+        "suite": suite_path or "quick", "overrides": overrides, "cold": cold, "wall_s": round(wall, 1),
+        "peak_pss_gib": round(peak[0] / 2**30, 3), "peak_rss_sum_gib": round(peak[1] / 2**30, 3),
+        "processes_at_peak": peak[2], "memory_interval_s": interval_s, "timing": timing,
+        "versions": _versions(False),
+    }
+
+
+def format_suite_perf(r: dict) -> str:
+    t = r["timing"]
+    cache = "empty private cache (env SFT and reward model built)" if r["cold"] else "the user's cache"
+    lines = [
+        f"prefbench perf --suite {r['suite']}: {r['wall_s']:.0f} s wall ({r['wall_s'] / 60:.1f} min), {cache}",
+        f"  start-up         {t['startup_s']:.0f} s = {t['startup_share']:.1%} of the run's {t['wall_s']:.0f} s "
+        f"(Ray {t['ray_start_s']:.1f} s + stages {sum(s['startup_s'] for s in t['stages']):.1f} s + trials "
+        f"{t['trial_startup_s']:.1f} s, i.e. their start-ups / {t['concurrent_trials']} at once)",
+    ]
+    for s in t["stages"]:
+        lines.append(f"  stage {s['stage']:12s} seed {s['seed']}: {s['wall_s']:.0f} s, of which start-up "
+                     f"{s['startup_s']:.1f} s (DeepSpeed init {s['deepspeed_init_s']:.1f} s)")
+    if t["trials"]:
+        slots = [x["slot_s"] for x in t["trials"]]
+        ups = [x["startup_s"] for x in t["trials"]]
+        lines.append(f"  sweep            {t['sweep_wall_s']:.0f} s, {len(slots)} trials, {t['concurrent_trials']} at once; "
+                     f"per trial median {statistics.median(slots):.0f} s of which start-up {statistics.median(ups):.1f} s")
+    lines.append(f"  peak memory      {r['peak_pss_gib']:.2f} GiB PSS, all {r['processes_at_peak']} processes together "
+                 f"(sum of RSS {r['peak_rss_sum_gib']:.2f} GiB; sampled every {r['memory_interval_s']:g} s)")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ output
 def format_perf(r: dict) -> str:
     c, peak = r["config"], r["peak"]

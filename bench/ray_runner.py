@@ -37,6 +37,12 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore",
 }
 
+# Ray Train V2's controller polls its workers every 2 s by default: a finished trial, a report
+# barrier and the worker group's start each wait for the next poll. 0.5 s took ~4 s off every
+# TorchTrainer.fit() here (15.7 → 11.3 s for an empty loop at 0.25 s; bench/PERF.md). Set in the
+# driver and in every Ray worker (the Tune trial processes are the controllers' drivers).
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
 
 def logical_cpus(suite: SuiteConfig) -> int:
     """Enough logical CPUs that `max_concurrent_trials` trials (1 CPU for the Tune driver + workers) fit."""
@@ -48,11 +54,12 @@ def logical_cpus(suite: SuiteConfig) -> int:
 def _worker_env() -> dict:
     """Environment of every Ray worker: quiet libraries, and the fault-injection list when a test set one."""
     faults = os.environ.get(worker.FAULTS_ENV)
-    return {**QUIET_ENV, **({worker.FAULTS_ENV: faults} if faults else {})}
+    train_env = {k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()}  # a user's own setting wins
+    return {**QUIET_ENV, **train_env, **({worker.FAULTS_ENV: faults} if faults else {})}
 
 
 def start_ray(suite: SuiteConfig, address: str | None) -> None:
-    for k, v in QUIET_ENV.items():
+    for k, v in {**QUIET_ENV, **TRAIN_ENV}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: verbose=0 is silent
     kwargs = dict(
@@ -104,8 +111,9 @@ def _rm_loop(payload: dict) -> None:
     worker.run_rm_stage(payload, report=_report)
 
 
-def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str | Path) -> None:
-    """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers)."""
+def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str | Path) -> float:
+    """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers); returns its wall time in s."""
+    t0 = time.time()
     trainer = TorchTrainer(
         loop,
         train_loop_config={**payload, "threads": _threads(suite, 1)},
@@ -116,18 +124,19 @@ def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str 
         ),
     )
     trainer.fit()
+    return time.time() - t0
 
 
-def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> None:
-    """SFT the env's initial policy in `env_dir` (built already) and write its data."""
+def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> float:
+    """SFT the env's initial policy in `env_dir` (built already) and write its data; returns the job's wall time."""
     payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed}
-    _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
+    return _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
 
 
-def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: str | Path) -> None:
-    """Train the shared reward model of (env, seed) into `rm_dir`."""
+def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: str | Path) -> float:
+    """Train the shared reward model of (env, seed) into `rm_dir`; returns the job's wall time."""
     payload = {"suite": suite_dict, "env_dir": str(env_dir), "rm_dir": str(rm_dir), "seed": seed}
-    _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
+    return _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
 
 
 # ---------------------------------------------------------------------------------- sweep
@@ -179,6 +188,7 @@ class Progress(tune.Callback):
         self.total = total
         self.done = 0
         self.started: dict[str, float] = {}
+        self.took: dict[str, float] = {}  # trial id → seconds from Tune starting it to its end (timing.json)
 
     @staticmethod
     def _name(trial) -> str:
@@ -206,6 +216,7 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         took = time.time() - self.started.get(self._name(trial), time.time())
+        self.took[self._name(trial)] = took
         say(f"[prefbench] done  {self._name(trial)} in {took:.0f}s ({self.done}/{self.total})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -216,8 +227,9 @@ class Progress(tune.Callback):
 def run_sweep(
     suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path],
     rm_dirs: dict[int, Path], out: Path, storage: str, name: str = "sweep",
-) -> dict[str, str | None]:
-    """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded)."""
+) -> tuple[dict[str, str | None], dict[str, float]]:
+    """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded), and
+    trial_id → seconds from Tune starting the trial to its end (completed trials)."""
     import dataclasses
 
     concurrent = min(suite.scaling.max_concurrent_trials, len(trials))
@@ -230,6 +242,7 @@ def run_sweep(
         "threads": _threads(suite, concurrent),
         "scaling": dataclasses.asdict(suite.scaling),
     }
+    progress = Progress(len(trials))
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial_driver, static=static), {"CPU": 1}),
         param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
@@ -237,9 +250,12 @@ def run_sweep(
             max_concurrent_trials=concurrent,
             trial_name_creator=lambda t: t.config["trial"]["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+            # the next trial runs in the finished trial's process: no new process, no second import of
+            # torch/transformers/DeepSpeed (each trial's Train workers are still fresh processes)
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), verbose=0, callbacks=[Progress(len(trials))],
+            name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -248,7 +264,7 @@ def run_sweep(
     for result in grid:
         trial_id = result.config["trial"]["trial_id"]
         status[trial_id] = None if result.error is None else _one_line(result.error)
-    return status
+    return status, progress.took
 
 
 def _one_line(error: BaseException) -> str:

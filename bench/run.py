@@ -68,8 +68,22 @@ def _build_cached(workdir: Path, build, label: str) -> Path:
     return workdir
 
 
-def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | Path) -> Path:
-    """Build + SFT the env for `seed` once; later runs with the same config reuse the cache."""
+def stage_timing(stage: str, seed: int, wall_s: float, stage_dir: Path) -> dict:
+    """One shared stage's timing: its Ray Train job's wall time, the worker's own work, and start-up =
+    the rest (Ray Train, worker processes, imports) + DeepSpeed's initialisation."""
+    from bench.worker import STAGE_TIMING
+
+    inner = json.loads((stage_dir / STAGE_TIMING).read_text())
+    startup = wall_s - inner["worker_s"] + inner["deepspeed_init_s"]
+    return {"stage": stage, "seed": seed, "wall_s": round(wall_s, 2), **inner, "startup_s": round(startup, 2)}
+
+
+def prepare_env(
+    suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | Path, timing: list | None = None
+) -> Path:
+    """Build + SFT the env for `seed` once; later runs with the same config reuse the cache.
+
+    `timing`, when given, receives the stage's timing (nothing when the env was cached)."""
     from bench import ray_runner
 
     env = ENVS.get(suite.env.name)
@@ -82,7 +96,9 @@ def prepare_env(suite: SuiteConfig, suite_dict: dict, seed: int, storage: str | 
         except ValueError as e:  # a data problem the env states in one line (empty dataset, missing split)
             raise UserError(str(e)) from None
         say(f"[prefbench] {label}: SFT + pairs as a Ray Train job (Ray Train + DeepSpeed)")
-        ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
+        wall = ray_runner.run_env_stage(suite, suite_dict, seed, tmp, storage)
+        if timing is not None:
+            timing.append(stage_timing("env", seed, wall, tmp))
 
     return _build_cached(env_cache_dir(suite, seed), build, label)
 
@@ -102,7 +118,9 @@ def rm_cache_dir(suite: SuiteConfig, seed: int) -> Path:
     return cache_root(suite) / "reward_models" / f"{suite.env.name}-seed{seed}-{rm_key(suite, seed)}"
 
 
-def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> Path:
+def prepare_reward_model(
+    suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path, timing: list | None = None
+) -> Path:
     """Train the shared reward model for (env, seed, RM config) once, as a Ray Train job; cached."""
     from bench import ray_runner
 
@@ -110,7 +128,9 @@ def prepare_reward_model(suite: SuiteConfig, suite_dict: dict, seed: int, env_di
 
     def build(tmp: Path) -> None:
         say(f"[prefbench] {label}: Bradley-Terry on the env's pairs as a Ray Train job")
-        ray_runner.run_rm_stage(suite, suite_dict, seed, env_dir, tmp, storage)
+        wall = ray_runner.run_rm_stage(suite, suite_dict, seed, env_dir, tmp, storage)
+        if timing is not None:
+            timing.append(stage_timing("reward_model", seed, wall, tmp))
         m = json.loads((tmp / "metrics.json").read_text())
         say(f"[prefbench] {label}: held-out pair accuracy {m['rm/heldout_accuracy']:.3f} "
             f"({m['rm/heldout_pairs']} pairs), Pearson with gold {m['rm/heldout_gold_pearson']:.3f}")
@@ -289,24 +309,65 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
         say(f"[prefbench] suite {suite.name}: {len(trials)} trials on env {suite.env.name} → {out_dir}")
         results.write_text_atomic(out_dir / "config.yaml", to_yaml(suite))  # written first: it marks a prefbench run
     status: dict[str, str | None] = {t: None for t in done}
+    timing: dict = {"ray_start_s": 0.0, "stages": [], "sweep_wall_s": 0.0, "slots": {}}
     if todo:
+        t_ray = time.time()
         ray_runner.start_ray(suite, address)
+        timing["ray_start_s"] = time.time() - t_ray
         try:
             storage = run_storage(suite, out_dir)
             env_dirs, rm_dirs = {}, {}
             needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in todo)
             for seed in sorted({t.seed for t in todo}):
-                env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage)
+                env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage, timing["stages"])
                 check_env_data(suite, seed, env_dirs[seed])
                 if needs_rm:
-                    rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage)
+                    rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage, timing["stages"])
             name = f"sweep-resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else "sweep"
-            status.update(ray_runner.run_sweep(suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, storage, name=name))
+            t_sweep = time.time()
+            swept, timing["slots"] = ray_runner.run_sweep(
+                suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, storage, name=name)
+            timing["sweep_wall_s"] = time.time() - t_sweep
+            status.update(swept)
         finally:
             ray_runner.stop_ray()
     (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
     evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
     path = report.write_report(out_dir)
+    if todo:
+        timing_doc = run_timing(out_dir, timing, time.time() - t0, min(suite.scaling.max_concurrent_trials, len(todo)))
+        results.write_text_atomic(out_dir / "timing.json", json.dumps(timing_doc, indent=1))
     failed = int((trials_df["status"] != "ok").sum())
     say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
     return failed
+
+
+def run_timing(out_dir: Path, timing: dict, wall_s: float, concurrent: int) -> dict:
+    """Where this run's wall time went, and how much of it was start-up (timing.json).
+
+    Start-up = Ray's own start + each shared stage's start-up (see `stage_timing`) + each trial's
+    start-up divided by the number of trials running at once. A trial's start-up is its slot (Tune
+    starting it → its end: trial process, TorchTrainer, worker processes, imports, teardown) less
+    the trial's own work (`wall_time_s` of summary.json) plus DeepSpeed's initialisation. Resumed
+    trials are left out (their wall time carries over from the stopped run).
+    """
+    trials = []
+    for trial_id, slot in sorted(timing["slots"].items()):
+        path = out_dir / "trials" / trial_id / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        if summary.get("resumed_from") is not None:
+            continue
+        work = summary["wall_time_s"] - summary.get("deepspeed_init_s", 0.0)
+        trials.append({"trial_id": trial_id, "slot_s": round(slot, 2), "work_s": round(work, 2),
+                       "startup_s": round(slot - work, 2)})
+    stage_startup = sum(s["startup_s"] for s in timing["stages"])
+    trial_startup = sum(t["startup_s"] for t in trials) / max(concurrent, 1)
+    startup = timing["ray_start_s"] + stage_startup + trial_startup
+    return {
+        "wall_s": round(wall_s, 1), "startup_s": round(startup, 1), "startup_share": round(startup / wall_s, 4),
+        "ray_start_s": round(timing["ray_start_s"], 2), "stages": timing["stages"],
+        "sweep_wall_s": round(timing["sweep_wall_s"], 1), "concurrent_trials": concurrent,
+        "trial_startup_s": round(trial_startup, 1), "trials": trials,
+    }

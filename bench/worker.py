@@ -159,6 +159,7 @@ def wrap_with_deepspeed(
     modules = trainable_modules(*trainables)
     module = modules[0] if len(modules) == 1 else JointModule({str(i): m for i, m in enumerate(modules)})
     params = [p for p in module.parameters() if p.requires_grad]
+    t0 = time.time()
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(train.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(
@@ -184,6 +185,7 @@ def wrap_with_deepspeed(
         return {"lr": float(lr), "grad_norm": float(norm) if norm is not None else float("nan")}
 
     optimize.engine = engine  # for checkpoints (save_checkpoint / load_checkpoint)
+    optimize.init_s = time.time() - t0  # DeepSpeed's share of start-up (timing.json)
     return optimize
 
 
@@ -227,12 +229,24 @@ def _barrier(world: int) -> None:
 
 
 # ------------------------------------------------------------------------------- SFT stage
+STAGE_TIMING = "stage_timing.json"
+
+
+def write_stage_timing(stage_dir: Path, rank: int, t_entry: float, deepspeed_init_s: float) -> None:
+    """Rank 0 records how long the stage's own work took in this worker (bench.run derives start-up from it)."""
+    if rank == 0:
+        (stage_dir / STAGE_TIMING).write_text(json.dumps(
+            {"worker_s": round(time.time() - t_entry, 2), "deepspeed_init_s": round(deepspeed_init_s, 2)}))
+
+
 def run_env_stage(payload: dict, report: Report) -> None:
     """The env's heavy stage: SFT of the initial policy on the env corpus, then pairs/references."""
+    t_entry = time.time()
     suite, rank, world, device = _setup(payload)
     env = ENVS.get(suite.env.name)
     params = env_params(suite)
     workdir = Path(payload["env_dir"])
+    ds_init_s = 0.0
     seed = int(payload["seed"])
     torch.manual_seed(seed)
     policy = env.load_policy(workdir, "init")
@@ -242,6 +256,7 @@ def run_env_stage(payload: dict, report: Report) -> None:
     if corpus is not None:
         train = env.sft_settings(params)
         optimize = wrap_with_deepspeed(policy, train, suite.deepspeed, world)
+        ds_init_s = optimize.init_s
         lm_finetune(
             policy, corpus, train, optimize, seed=seed, rank=rank, world_size=world,
             log=lambda step, m: report({"stage": "sft", "step": step, "total_steps": train.steps, **m}),
@@ -253,12 +268,14 @@ def run_env_stage(payload: dict, report: Report) -> None:
             env.finish(policy, params, seed, workdir)
             (workdir / "sft_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
     _barrier(world)
+    write_stage_timing(workdir, rank, t_entry, ds_init_s)
     report({"stage": "env", "done": 1})
 
 
 # ------------------------------------------------------------------------ reward-model stage
 def run_rm_stage(payload: dict, report: Report) -> None:
     """The shared reward model: Bradley–Terry on the env's pairs, from the SFT backbone; saved with its metrics."""
+    t_entry = time.time()
     suite, rank, world, device = _setup(payload)
     env_dir, rm_dir, seed = Path(payload["env_dir"]), Path(payload["rm_dir"]), int(payload["seed"])
     torch.manual_seed(seed)
@@ -277,6 +294,7 @@ def run_rm_stage(payload: dict, report: Report) -> None:
     if rank == 0:
         (rm_dir / "metrics.json").write_text(json.dumps({**metrics, "rm/train_time_s": round(time.time() - t0, 1)}))
     _barrier(world)
+    write_stage_timing(rm_dir, rank, t_entry, optimize.init_s)
     report({"stage": "reward_model", "done": 1})
 
 
@@ -444,7 +462,8 @@ def run_trial(payload: dict, report: Report) -> None:
         wall = time.time() - t_start
         write_text_atomic(trial_dir / "summary.json", json.dumps({
             **meta, "algorithm_summary": summary, **rm_metrics, "train_time_s": wall - eval_time, "wall_time_s": wall,
-            "eval_time_s": eval_time, "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
+            "eval_time_s": eval_time, "deepspeed_init_s": round(optimize.init_s, 2) if optimize else 0.0,
+            "nodes": ",".join(nodes), "resumed_from": resume["step"] if resume else None,
             **({"peak_gpu_memory_gib": round(peak_gpu, 3)} if device.type == "cuda" else {}),
         }))
     _barrier(world)

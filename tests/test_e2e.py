@@ -57,6 +57,23 @@ def test_run_writes_results_config_versions_and_report(run_dir):
 
 
 @pytest.mark.slow
+def test_timing_splits_the_run_into_start_up_and_work(run_dir):
+    """timing.json: every trial's slot (Tune's view) holds its own work; Ray Train trials and the
+    stages pay a start-up; the run's start-up share is a fraction of its wall time."""
+    out, _, _ = run_dir
+    t = json.loads((out / "timing.json").read_text())
+    assert sorted(x["trial_id"] for x in t["trials"]) == ALL_TRIALS
+    for x in t["trials"]:
+        assert x["slot_s"] >= x["work_s"] > 0 and x["startup_s"] == pytest.approx(x["slot_s"] - x["work_s"], abs=0.02)
+    trains = {x["trial_id"]: x for x in t["trials"] if not x["trial_id"].startswith(("sft-", "best-of-n-"))}
+    assert all(x["startup_s"] > 1 for x in trains.values())  # a TorchTrainer, its worker process, DeepSpeed
+    assert [s["stage"] for s in t["stages"]] in ([], ["env", "reward_model"], ["reward_model"])  # cache reuse
+    for s in t["stages"]:
+        assert s["wall_s"] > s["worker_s"] > 0 and s["startup_s"] > s["deepspeed_init_s"] >= 0
+    assert 0 < t["startup_s"] < t["wall_s"] and t["startup_share"] == pytest.approx(t["startup_s"] / t["wall_s"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_evaluation_rows_follow_the_schedule_and_the_kl_definition(run_dir):
     out, _, _ = run_dir
     evals = pd.read_parquet(out / "evals.parquet")

@@ -38,6 +38,44 @@ def test_perf_measures_every_part_against_peak_and_trl(tmp_path, e2e_cache):
     assert all(0.1 < r[part]["peak_rss_gib"] < 64 for part in ("dpo", "rm", "ppo", "trl"))
 
 
+@pytest.mark.slow
+def test_perf_suite_measures_wall_start_up_and_memory_of_all_processes(tmp_path, e2e_cache):
+    """`prefbench perf --suite`: a whole `prefbench run` in a child process, measured from outside —
+    wall time, the run's own start-up split (timing.json), peak memory of the whole process tree."""
+    out = tmp_path / "suite.json"
+    suite = os.path.join(os.path.dirname(__file__), "suites", "perf-suite.yaml")
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--suite", suite, "--json", str(out)],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "PREFBENCH_CACHE": str(e2e_cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "start-up" in proc.stdout and "peak memory" in proc.stdout
+    r = json.loads(out.read_text())
+    t = r["timing"]
+    assert r["wall_s"] >= t["wall_s"] > 0 and 0 < t["startup_share"] < 1
+    assert [x["trial_id"] for x in t["trials"]] == ["dpo-beta=0.5-seed0"]
+    # the driver, Ray's own processes (GCS, raylet, ...) and the trial's workers were all counted
+    assert r["processes_at_peak"] >= 4 and 0.3 < r["peak_pss_gib"] <= r["peak_rss_sum_gib"] < 64
+
+
+def test_tree_memory_counts_a_process_and_its_children():
+    import psutil
+
+    from bench.perf import tree_memory
+
+    me = psutil.Process()
+    alone = tree_memory(me)
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 * 2**20); time.sleep(30)"])
+    try:
+        for _ in range(100):  # until the child has allocated its 300 MiB
+            with_child = tree_memory(me)
+            if with_child[0] > alone[0] + 250 * 2**20:
+                break
+            import time
+            time.sleep(0.1)
+        assert with_child[2] == alone[2] + 1 and with_child[0] > alone[0] + 250 * 2**20
+    finally:
+        child.kill()
+
+
 def test_perf_rejects_keys_that_are_not_env_or_shapes():
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--set", "algorithms=[]"],
                           capture_output=True, text=True, timeout=120)
