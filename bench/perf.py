@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -470,19 +471,20 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
             env["PREFBENCH_CACHE"] = str(Path(tmp) / "cache")
         cmd = [sys.executable, "-m", "bench.cli", "run", *([suite_path] if suite_path else []), "--out", str(out)]
         cmd += [a for o in overrides for a in ("--set", o)] + (["--address", address] if address else [])
-        log = Path(tmp) / "run.log"
+        lines: list[str] = []
         t0 = time.perf_counter()
-        with log.open("w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            root = psutil.Process(proc.pid)
-            peak = (0.0, 0.0, 0)
-            while proc.poll() is None:
-                sample = tree_memory(root)
-                peak = max(peak, sample)
-                time.sleep(interval_s)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        relay = threading.Thread(target=_relay_progress, args=(proc.stdout, lines), daemon=True)
+        relay.start()
+        root = psutil.Process(proc.pid)
+        peak = (0.0, 0.0, 0)
+        while proc.poll() is None:
+            peak = max(peak, tree_memory(root))
+            time.sleep(interval_s)
         wall = time.perf_counter() - t0
+        relay.join(timeout=10)
         if proc.returncode != 0:
-            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+            tail = " | ".join(line.strip() for line in lines[-3:])
             raise RuntimeError(f"prefbench run failed (exit {proc.returncode}): {tail}")
         timing = json.loads((out / "timing.json").read_text())
     return {
@@ -491,6 +493,14 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
         "processes_at_peak": peak[2], "memory_interval_s": interval_s, "timing": timing,
         "versions": _versions(False),
     }
+
+
+def _relay_progress(stream, lines: list[str]) -> None:
+    """Pass the run's own progress lines on to our stderr; keep every line for an error message."""
+    for line in stream:
+        lines.append(line)
+        if line.startswith("[prefbench]"):
+            sys.stderr.write(line)
 
 
 def format_suite_perf(r: dict) -> str:

@@ -39,9 +39,12 @@ QUIET_ENV = {
 
 # Ray Train V2's controller polls its workers every 2 s by default: a finished trial, a report
 # barrier and the worker group's start each wait for the next poll. 0.5 s took ~4 s off every
-# TorchTrainer.fit() here (15.7 → 11.3 s for an empty loop at 0.25 s; bench/PERF.md). Set in the
-# driver and in every Ray worker (the Tune trial processes are the controllers' drivers).
+# TorchTrainer.fit() here (bench/PERF.md). Set in the driver and in every Ray worker (the Tune
+# trial processes drive the trials' TorchTrainers). A user's own setting of either wins.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Embedded Ray only: one node that nobody preempts, so no preemption-watcher actor (a Python
+# process of its own, ~120 MB) per TorchTrainer. Joining a cluster (--address) keeps Ray's default.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def logical_cpus(suite: SuiteConfig) -> int:
@@ -54,12 +57,12 @@ def logical_cpus(suite: SuiteConfig) -> int:
 def _worker_env() -> dict:
     """Environment of every Ray worker: quiet libraries, and the fault-injection list when a test set one."""
     faults = os.environ.get(worker.FAULTS_ENV)
-    train_env = {k: os.environ.get(k, v) for k, v in TRAIN_ENV.items()}  # a user's own setting wins
+    train_env = {k: os.environ[k] for k in (*TRAIN_ENV, *LOCAL_TRAIN_ENV) if k in os.environ}  # see start_ray
     return {**QUIET_ENV, **train_env, **({worker.FAULTS_ENV: faults} if faults else {})}
 
 
 def start_ray(suite: SuiteConfig, address: str | None) -> None:
-    for k, v in {**QUIET_ENV, **TRAIN_ENV}.items():
+    for k, v in {**QUIET_ENV, **TRAIN_ENV, **({} if address else LOCAL_TRAIN_ENV)}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: verbose=0 is silent
     kwargs = dict(
