@@ -73,7 +73,8 @@ class ScalarHead(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        hidden = self.model.base_model(  # (B, L, H); no KV cache: nothing is generated
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.model.score(hidden).squeeze(-1).float()  # (B, L)
 
 

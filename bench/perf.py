@@ -395,7 +395,8 @@ def part_trl(cfg: PerfConfig) -> dict:
     common = dict(output_dir=str(export / "trl-out"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-                  dataloader_num_workers=0, seed=cfg.seed, bf16=False)
+                  dataloader_num_workers=0, seed=cfg.seed, bf16=False,
+                  optim="adamw_torch_fused")  # the fused torch AdamW, as ours (TrainingArguments' fastest AdamW)
 
     class Clock(TrainerCallback):
         def __init__(self, clock: StepClock):
@@ -404,8 +405,9 @@ def part_trl(cfg: PerfConfig) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.clock.tick()
 
-    out = {"settings": {"dpo": "DPOConfig(precompute_ref_log_probs=True, beta, lr, batch, fp32, use_cpu); "
-                               "padding_free needs flash-attention (GPU)", "rm": "RewardConfig(batch, lr, fp32, use_cpu)"}}
+    out = {"settings": {"dpo": "DPOConfig(precompute_ref_log_probs=True, optim=adamw_torch_fused, beta, lr, batch, "
+                               "fp32, use_cpu); padding_free needs flash-attention (GPU)",
+                        "rm": "RewardConfig(optim=adamw_torch_fused, batch, lr, fp32, use_cpu)"}}
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(export / "sft")
     clock = StepClock()

@@ -95,9 +95,16 @@ def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: in
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train.max_grad_norm > 0:
+    if train.max_grad_norm > 0 and not clips_itself(ds):
         config["gradient_clipping"] = train.max_grad_norm
     return config
+
+
+def clips_itself(ds: DeepSpeedSettings) -> bool:
+    """ZeRO-0 in fp32 leaves whole fp32 grads in `p.grad`, so `optimize` clips them itself: one fused
+    norm + scale, where DeepSpeed's own clip (a Python loop over tensors) cost ~2 ms per step on the
+    tiny model. Sharded (ZeRO >= 1) or bf16 grads live in DeepSpeed's buffers: DeepSpeed clips."""
+    return ds.zero_stage == 0 and not ds.bf16
 
 
 class JointModule(torch.nn.Module):
@@ -160,23 +167,32 @@ def wrap_with_deepspeed(
     module = modules[0] if len(modules) == 1 else JointModule({str(i): m for i, m in enumerate(modules)})
     params = [p for p in module.parameters() if p.requires_grad]
     t0 = time.time()
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    # fused: one kernel for all tensors (CPU and CUDA); 1.7 vs 3.5 ms per step for the tiny model's 40 tensors
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(train.warmup_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, ds, world_size),
     )
+    if world_size == 1 and ds.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank: flatten, copy back (~2 ms/step)
     gathered = ZeroGathered(engine) if ds.zero_stage == 3 else None
     for i, obj in enumerate(trainables):
         obj.engine = engine if len(modules) == 1 else functools.partial(engine, str(i))
         if gathered is not None:
             obj.gathered = gathered
 
+    self_clip = clips_itself(ds)
+    max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")  # inf: the norm only
+
     def optimize(loss: torch.Tensor) -> dict:
         lr = engine.get_lr()[0]
         engine.backward(loss)
         norm = None
-        if ds.zero_stage == 0:  # DeepSpeed only tracks the norm for ZeRO >= 1; grads are whole here
+        if self_clip:  # the norm before clipping, as DeepSpeed reports it for ZeRO >= 1
+            grads = [p for p in params if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True) if grads else None
+        elif ds.zero_stage == 0:  # bf16 ZeRO-0: DeepSpeed clips but does not track the norm
             grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else None
         engine.step()

@@ -30,3 +30,19 @@ def test_deepspeed_zero_stages_match_plain_torch(tiny_env_dir, zero_stage, offlo
         assert [m[key] for m in ds] == pytest.approx([m[key] for m in plain], rel=1e-4, abs=1e-5), key
     assert [m["optim/lr"] for m in plain][:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # warm-up
     assert plain[-1]["losses/dpo"] < plain[0]["losses/dpo"]
+
+
+def test_zero0_fp32_clips_itself_and_deepspeed_clips_the_rest():
+    """ZeRO-0 fp32 grads are whole in p.grad: `optimize` clips them (one fused norm), so DeepSpeed must
+    not clip them a second time; sharded (ZeRO >= 1) or bf16 grads are clipped by DeepSpeed."""
+    from algorithms.interface import TrainSettings
+    from bench.config import DeepSpeedSettings
+    from bench.worker import clips_itself, deepspeed_config
+
+    train = TrainSettings(steps=1, batch_size=4, lr=1e-3, max_grad_norm=0.5)
+    for stage, bf16, ours in ((0, False, True), (0, True, False), (1, False, False), (2, False, False), (3, True, False)):
+        ds = DeepSpeedSettings(zero_stage=stage, bf16=bf16)
+        assert clips_itself(ds) is ours
+        assert ("gradient_clipping" in deepspeed_config(train, ds, 1)) is (not ours)
+    no_clip = TrainSettings(steps=1, batch_size=4, lr=1e-3, max_grad_norm=0.0)
+    assert "gradient_clipping" not in deepspeed_config(no_clip, DeepSpeedSettings(zero_stage=2), 1)
