@@ -51,7 +51,7 @@ def test_perf_suite_measures_wall_start_up_and_memory_of_all_processes(tmp_path,
     r = json.loads(out.read_text())
     t = r["timing"]
     assert r["wall_s"] >= t["wall_s"] > 0 and 0 < t["startup_share"] < 1
-    assert [x["trial_id"] for x in t["trials"]] == ["dpo-beta=0.5-seed0"]
+    assert [x["trial_id"] for x in t["trials"]] == ["dpo-beta=0.5-seed0", "sft-seed0"]  # every suite has the SFT baseline
     # the driver, Ray's own processes (GCS, raylet, ...) and the trial's workers were all counted
     assert r["processes_at_peak"] >= 4 and 0.3 < r["peak_pss_gib"] <= r["peak_rss_sum_gib"] < 64
 
