@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     perf.add_argument("--address", help="Ray cluster address, only to prepare an env that is not cached yet")
     perf.add_argument("--suite", nargs="?", const="", metavar="SUITE.yaml",
                       help="instead: run a whole suite (default: quick) and report its wall time, start-up share and "
-                           "peak memory of all processes (--set applies to the suite)")
+                           "peak memory of all its processes on this machine (--set applies to the suite; --vs, "
+                           "--steps, --rounds and the like do not)")
     perf.add_argument("--cold", action="store_true",
                       help="with --suite: an empty private cache, so the env and reward model are built too")
     return p
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "perf" and args.suite is not None:
             from bench.perf import format_suite_perf, run_suite_perf
 
+            if args.vs:
+                raise UserError("--vs trl measures the parts of a trial; it does not combine with --suite")
             numbers = run_suite_perf(args.suite or None, args.overrides, cold=args.cold, address=args.address)
             print(format_suite_perf(numbers))
             if args.json_out:

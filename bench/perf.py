@@ -485,12 +485,18 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
             time.sleep(interval_s)
         wall = time.perf_counter() - t0
         relay.join(timeout=10)
-        if proc.returncode != 0:
+        if proc.returncode == 2:  # the run's own one-line user error (e.g. an env that cannot be reached)
+            from bench.run import UserError
+
+            last = next((line.strip() for line in reversed(lines) if line.startswith("prefbench: error:")), "")
+            raise UserError(last.removeprefix("prefbench: error:").strip() or "prefbench run exited with 2")
+        if proc.returncode not in (0, 1):  # 1: some trials failed, the run and its timing.json are complete
             tail = " | ".join(line.strip() for line in lines[-3:])
             raise RuntimeError(f"prefbench run failed (exit {proc.returncode}): {tail}")
         timing = json.loads((out / "timing.json").read_text())
     return {
         "suite": suite_path or "quick", "overrides": overrides, "cold": cold, "wall_s": round(wall, 1),
+        "some_trials_failed": proc.returncode == 1,
         "peak_pss_gib": round(peak[0] / 2**30, 3), "peak_rss_sum_gib": round(peak[1] / 2**30, 3),
         "processes_at_peak": peak[2], "memory_interval_s": interval_s, "timing": timing,
         "versions": _versions(False),
@@ -522,6 +528,8 @@ def format_suite_perf(r: dict) -> str:
         ups = [x["startup_s"] for x in t["trials"]]
         lines.append(f"  sweep            {t['sweep_wall_s']:.0f} s, {len(slots)} trials, {t['concurrent_trials']} at once; "
                      f"per trial median {statistics.median(slots):.0f} s of which start-up {statistics.median(ups):.1f} s")
+    if r.get("some_trials_failed"):
+        lines.append("  (some trials failed: their time is in the wall time, not in the per-trial split)")
     lines.append(f"  peak memory      {r['peak_pss_gib']:.2f} GiB PSS, all {r['processes_at_peak']} processes together "
                  f"(sum of RSS {r['peak_rss_sum_gib']:.2f} GiB; sampled every {r['memory_interval_s']:g} s)")
     return "\n".join(lines)

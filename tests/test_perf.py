@@ -56,6 +56,21 @@ def test_perf_suite_measures_wall_start_up_and_memory_of_all_processes(tmp_path,
     assert r["processes_at_peak"] >= 4 and 0.3 < r["peak_pss_gib"] <= r["peak_rss_sum_gib"] < 64
 
 
+def test_perf_suite_user_errors_are_one_line_exit_2(tmp_path):
+    """A mistake the run itself finds (here an env package that is not installed) comes back as the
+    run's one line; --vs with --suite is refused before anything runs."""
+    suite = os.path.join(os.path.dirname(__file__), "..", "bench", "suites", "smol-quick.yaml")
+    missing = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--suite", suite, "--set",
+                              "env.params.package=no_such_pkg"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith(
+        "prefbench: error: env smol-sentiment: the package 'no_such_pkg' (env.params.package) is not installed")
+    both = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--suite", "--vs", "trl"],
+                          capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "prefbench: error: --vs trl measures the parts of a trial; it does not combine with --suite")
+
+
 def test_tree_memory_counts_a_process_and_its_children():
     import psutil
 
