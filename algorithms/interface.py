@@ -51,6 +51,25 @@ def check(condition: bool, field_name: str, message: str) -> None:
         raise ParamError(field_name, message)
 
 
+class NonFiniteError(FloatingPointError):
+    """NaN or inf in a loss, a reward or a KL: the trial stops, and str() is the reason bench records
+    in trials.parquet (one line). Raised by bench's guards (every loss given to `ctx.optimize`, every
+    logged `losses/`, `rewards/`, `objective/` and `policy/` metric, every evaluation) and by
+    algorithms where a reward or KL first appears (PPO's rollout scores and per-token KL)."""
+
+
+def require_finite(what: str, values: Any) -> None:
+    """Raise NonFiniteError naming `what` when `values` (a number, array or tensor) holds NaN or inf."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        kinds = sorted({"nan" if np.isnan(v) else ("inf" if v > 0 else "-inf") for v in arr[bad].ravel()})
+        where = "" if arr.ndim == 0 else f" ({int(bad.sum())} of {arr.size} values)"
+        raise NonFiniteError(f"{what} is {'/'.join(kinds)}{where}")
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings shared by every trainable algorithm of a suite (equal terms)."""

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
-from algorithms.interface import TrainContext, check
+from algorithms.interface import TrainContext, check, require_finite
 from algorithms.policy import Rollout
 
 
@@ -239,6 +239,7 @@ class PPO:
             roll = self._rollout(ctx, [prompts[i] for i in idx], it)
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
             score = self._score(ctx, roll.prompts, roll.completions)
+            require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
             with torch.no_grad():
                 old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)
                 ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
@@ -247,6 +248,7 @@ class PPO:
                 old_values = old_values.to(old_logps.device)
                 kl_tokens = kl_penalty(old_logps, ref_logps, p.kl_estimator) * mask  # (B, T)
                 seq_kl = kl_tokens.sum(-1)  # (B,) nats per sequence
+                require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
                 last = mask.sum(-1).long() - 1  # index of each completion's last token
                 rows = torch.arange(len(last), device=mask.device)
                 rewards = torch.zeros_like(old_logps)

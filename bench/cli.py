@@ -2,7 +2,10 @@
 
 User mistakes (bad suite, unknown plugin, missing file, existing --out, an env that came out empty)
 are one line on stderr and exit code 2, with nothing left in OUT. A run whose trials partly failed
-still writes every result and exits 1; trials.parquet names each failure.
+still writes every result and exits 1; trials.parquet names each failure. A failed shared stage
+(env SFT, reward model) is one line and exit 1. Ctrl-C / SIGTERM stops a run cleanly (Ray shut
+down, no results written, finished trials and checkpoints kept): one line saying how to continue
+with --resume, exit 130.
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bench.config import ConfigError
     from bench.report import ReportError
-    from bench.run import UserError
+    from bench.results import write_text_atomic
+    from bench.run import Interrupted, StageError, UserError
 
     try:
         if args.command == "list":
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             numbers = run_suite_perf(args.suite or None, args.overrides, cold=args.cold, address=args.address)
             print(format_suite_perf(numbers))
             if args.json_out:
-                Path(args.json_out).write_text(json.dumps(numbers, indent=2))
+                write_text_atomic(Path(args.json_out), json.dumps(numbers, indent=2))
         elif args.command == "perf":
             from bench.perf import format_perf, run_perf
 
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                repeats=args.repeats, rounds=args.rounds, vs_trl=args.vs == "trl", address=args.address)
             print(format_perf(numbers))
             if args.json_out:
-                Path(args.json_out).write_text(json.dumps(numbers, indent=2))
+                write_text_atomic(Path(args.json_out), json.dumps(numbers, indent=2))
         elif args.command == "export-env":
             from bench.export import export_env
 
@@ -174,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, ReportError) as e:
         print(f"prefbench: error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:  # not the user's mistake as far as we can tell, but still one line
+        print(f"prefbench: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"prefbench: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import inspect
 import json
 import os
@@ -39,6 +40,7 @@ import yaml
 
 from bench import __version__, say
 from bench.config import ConfigError, SuiteConfig, apply_override, build_dataclass, env_params, validate
+from bench.results import remove_stale_temps
 from bench.run import UserError, cache_root, check_env_reachable, env_cache_dir, env_key, prepare_env
 from envs import ENVS
 
@@ -102,11 +104,17 @@ def export_env(env_name: str, dest: str | Path, overrides: list[str], seed: int 
     final = dest.resolve()
     created = _missing_ancestor(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.export-tmp-{os.getpid()}")  # beside DIR: same filesystem
+    # every file goes into a temp folder beside DIR (same filesystem), renamed to DIR once complete: a
+    # killed export leaves no partial DIR, only this hidden folder, removed by the next export to DIR
+    tmp = final.with_name(f".{final.name}.export-tmp-{os.getpid()}")
+    remove_stale_temps(final.parent, f".{glob.escape(final.name)}.export-tmp-*")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write(suite, seed, env_dir, tmp, final)
-        os.replace(tmp, final)  # onto a missing or empty directory: atomic
+        try:
+            os.replace(tmp, final)  # onto a missing or empty directory: atomic
+        except OSError as e:  # DIR was filled (or made a file) while the env was prepared
+            raise UserError(f"{dest}: no longer an empty directory ({e.strerror}); nothing exported") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def start_ray(suite: SuiteConfig, address: str | None) -> None:
     for k, v in {**QUIET_ENV, **TRAIN_ENV, **({} if address else LOCAL_TRAIN_ENV)}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy reporter: verbose=0 is silent
+    # Ctrl-C is prefbench's (bench.run: KeyboardInterrupt → Ray shut down → "continue with --resume").
+    # Tune's own handler would end the sweep "gracefully" and return, and the run would go on to
+    # write results of trials that were cut off.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     kwargs = dict(
         log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False,
         runtime_env={"env_vars": _worker_env()},
@@ -74,6 +79,8 @@ def start_ray(suite: SuiteConfig, address: str | None) -> None:
     else:  # "local": always a fresh embedded instance, even where a `ray start` cluster is running
         ray.init(address="local", num_cpus=logical_cpus(suite), **kwargs)
     logging.getLogger("ray").setLevel(logging.ERROR)
+    # a failed trial's traceback: Progress prints its one-line reason instead (trials.parquet keeps it)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
 
 def stop_ray() -> None:
@@ -82,6 +89,11 @@ def stop_ray() -> None:
 
 
 def _threads(suite: SuiteConfig, concurrent: int) -> int:
+    """torch threads of each trial process: the machine's cores shared by the trials running at once.
+
+    Part of what makes a run reproducible bit for bit on CPU (float sums split over threads add up
+    in another order), so a sweep takes it from the whole suite, not from the trials left to run:
+    a `--resume`d trial computes exactly what it would have computed in the run that was stopped."""
     return max(1, (os.cpu_count() or 1) // (concurrent * suite.scaling.num_workers))
 
 
@@ -114,6 +126,29 @@ def _rm_loop(payload: dict) -> None:
     worker.run_rm_stage(payload, report=_report)
 
 
+def _fit_off_main_thread(trainer: TorchTrainer):
+    """`trainer.fit()` in a helper thread, the main thread waiting for it.
+
+    Ray Train V2's fit() installs its own SIGINT handler when it runs in the main thread (Ctrl-C
+    aborts the job, and the handler stays installed after fit() returns: a later Ctrl-C calls into
+    the finished controller and exits 0). In a helper thread it installs none, so Ctrl-C stays
+    prefbench's: KeyboardInterrupt in the main thread, Ray shut down, nothing half-written."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="prefbench-stage", daemon=True)
+    thread.start()
+    thread.join()  # interruptible: a signal handler's KeyboardInterrupt is raised here
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str | Path) -> float:
     """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers); returns its wall time in s."""
     t0 = time.time()
@@ -126,7 +161,7 @@ def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str 
             worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
-    trainer.fit()
+    _fit_off_main_thread(trainer)
     return time.time() - t0
 
 
@@ -192,6 +227,7 @@ class Progress(tune.Callback):
         self.done = 0
         self.started: dict[str, float] = {}
         self.took: dict[str, float] = {}  # trial id → seconds from Tune starting it to its end (timing.json)
+        self.stopped: set[str] = set()  # trials a numerical fault stopped (they end without an error)
 
     @staticmethod
     def _name(trial) -> str:
@@ -202,6 +238,10 @@ class Progress(tune.Callback):
         say(f"[prefbench] start {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "stopped" in result:  # a numerical fault (bench.worker.run_trial): no retry, the reason recorded
+            self.stopped.add(self._name(trial))
+            say(f"[prefbench]   {self._name(trial)} stopped: {result['stopped']}")
+            return
         if "resumed_from" in result:
             say(f"[prefbench]   {self._name(trial)} resumed from its checkpoint at step {int(result['resumed_from'])}")
             return
@@ -218,31 +258,42 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        took = time.time() - self.started.get(self._name(trial), time.time())
-        self.took[self._name(trial)] = took
-        say(f"[prefbench] done  {self._name(trial)} in {took:.0f}s ({self.done}/{self.total})")
+        name = self._name(trial)
+        if name in self.stopped:
+            say(f"[prefbench] FAILED {name} ({self.done}/{self.total}); see trials.parquet")
+            return
+        took = time.time() - self.started.get(name, time.time())
+        self.took[name] = took
+        say(f"[prefbench] done  {name} in {took:.0f}s ({self.done}/{self.total})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
-        say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}); see trials.parquet")
+        try:
+            reason = one_line(trial.get_pickled_error())
+        except Exception:  # the reason is in trials.parquet either way
+            reason = "see trials.parquet"
+        say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}): {reason}")
 
 
 def run_sweep(
     suite: SuiteConfig, suite_dict: dict, trials: list[TrialSpec], env_dirs: dict[int, Path],
-    rm_dirs: dict[int, Path], out: Path, storage: str, name: str = "sweep",
+    rm_dirs: dict[int, Path], out: Path, storage: str, name: str = "sweep", suite_trials: int | None = None,
 ) -> tuple[dict[str, str | None], dict[str, float]]:
     """Run every trial in one Tuner; returns trial_id → error text (None when it succeeded), and
-    trial_id → seconds from Tune starting the trial to its end (completed trials)."""
+    trial_id → seconds from Tune starting the trial to its end (completed trials). `suite_trials`:
+    the suite's number of trials when `trials` is the part left to run (--resume): threads per trial
+    follow the whole suite (see `_threads`)."""
     import dataclasses
 
     concurrent = min(suite.scaling.max_concurrent_trials, len(trials))
+    threads = _threads(suite, min(suite.scaling.max_concurrent_trials, suite_trials or len(trials)))
     static = {
         "suite": suite_dict,
         "env_dirs": {str(k): str(v) for k, v in env_dirs.items()},
         "rm_dirs": {str(k): str(v) for k, v in rm_dirs.items()},
         "out": str(out.resolve()),
         "storage": str(storage),
-        "threads": _threads(suite, concurrent),
+        "threads": threads,
         "scaling": dataclasses.asdict(suite.scaling),
     }
     progress = Progress(len(trials))
@@ -264,15 +315,38 @@ def run_sweep(
     )
     grid = tuner.fit()
     status: dict[str, str | None] = {}
+    restarts = suite.scaling.max_failures
     for result in grid:
-        trial_id = result.config["trial"]["trial_id"]
-        status[trial_id] = None if result.error is None else _one_line(result.error)
+        spec = result.config["trial"]
+        if result.error is None:
+            status[spec["trial_id"]] = None
+            continue
+        reason = one_line(result.error)
+        if ALGORITHMS.get(spec["algorithm"]).trains_policy and restarts:  # Ray Train restarted it first
+            reason += f" (after {restarts} restart{'s' * (restarts > 1)} from its checkpoint: scaling.max_failures)"
+        status[spec["trial_id"]] = reason
     return status, progress.took
 
 
-def _one_line(error: BaseException) -> str:
-    cause = error
-    while getattr(cause, "__cause__", None) is not None:
-        cause = cause.__cause__
-    text = f"{type(cause).__name__}: {cause}".strip().splitlines()
+def one_line(error: BaseException) -> str:
+    """The root cause of a failed stage or trial in one line (at most 500 characters): through Ray
+    Train's WorkerGroupError (the lowest failed rank's error), ControllerError, Ray's task wrappers and
+    `raise ... from` chains. A worker process that died without an error of its own (SIGKILL, the
+    OOM killer) says so."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            error = failures[min(failures)]
+            continue
+        inner = (getattr(error, "controller_failure", None) or getattr(error, "health_check_failure", None)
+                 or error.__cause__ or getattr(error, "cause", None))
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    if isinstance(error, ray.exceptions.RayActorError) and not isinstance(error, ray.exceptions.RayTaskError):
+        return ("a Ray worker process died (killed by a signal or the out-of-memory killer; its own log is under "
+                "/tmp/ray/session_latest/logs)")
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
     return " ".join(line.strip() for line in text if line.strip())[-500:]

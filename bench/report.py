@@ -68,7 +68,7 @@ def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
     try:
         evals, trials = pd.read_parquet(out / "evals.parquet"), pd.read_parquet(out / "trials.parquet")
     except Exception as e:  # a truncated or foreign file: one line, not a pyarrow traceback
-        raise ReportError(f"{out}: cannot read its parquet files ({type(e).__name__}: {e})") from None
+        raise ReportError(f"{out}: cannot read its parquet files ({type(e).__name__}: {_one_line(e)})") from None
     missing = {"algorithm", "trial_id", "seed", "knob_value", "step", "final", "temperature", "gold_reward", "kl"} - set(evals.columns)
     if missing or not {"trial_id", "status"} <= set(trials.columns):
         raise ReportError(f"{out}: evals.parquet/trials.parquet lack prefbench's columns ({', '.join(sorted(missing)) or 'status'})")
@@ -77,15 +77,34 @@ def load_run(out: Path, settings: ReportSettings | None = None) -> Run:
             if col in frame:
                 frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     evals["final"] = evals["final"].astype(bool)
-    config_text = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else ""
+    config_text = _config_text(out)
     return Run(out, evals, trials, settings or saved_settings(out, config_text), config_text)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _config_text(out: Path) -> str:
+    """OUT/config.yaml's text, "" when there is none."""
+    path = Path(out) / "config.yaml"
+    try:
+        return path.read_text() if path.is_file() else ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def saved_settings(out: Path, config_text: str | None = None) -> ReportSettings:
     """The `report:` settings of OUT/config.yaml (the defaults where it has none)."""
     if config_text is None:
-        config_text = (Path(out) / "config.yaml").read_text() if (Path(out) / "config.yaml").is_file() else ""
-    saved = (yaml.safe_load(config_text) or {}).get("report") if config_text else None
+        config_text = _config_text(out)
+    try:
+        doc = yaml.safe_load(config_text) if config_text else None
+    except yaml.YAMLError as e:
+        raise ReportError(f"{out}/config.yaml: not valid YAML ({_one_line(e)})") from None
+    if doc is not None and not isinstance(doc, dict):
+        raise ReportError(f"{out}/config.yaml: not a prefbench suite (a YAML mapping)")
+    saved = doc.get("report") if doc else None
     try:
         return build_dataclass(ReportSettings, saved or {}, "report")
     except ConfigError as e:
@@ -274,11 +293,14 @@ REPORT_FILES = ("report.md", "report.csv", "configs.csv", "report.tex", "report.
 
 
 def write_report(out: Path, settings: ReportSettings | None = None) -> Path:
-    """(Re)build every report file in OUT from its parquet files; returns OUT/report.md."""
+    """(Re)build every report file in OUT from its parquet files; returns OUT/report.md.
+    Each file is replaced atomically (`bench.results._atomic`): a killed rebuild leaves every file
+    whole, old or new. Temp files a killed writer left in OUT are removed first."""
     from bench import plots, render
-    from bench.results import write_bytes_atomic, write_text_atomic
+    from bench.results import remove_stale_temps, write_bytes_atomic, write_text_atomic
 
     run = load_run(Path(out), settings)
+    remove_stale_temps(run.out)  # only once OUT is known to be a run: never in a directory that is not
     summary = summarize(run)
     configs = config_table(run)
     figures = {"frontier": plots.frontier_figure(run, summary), "temperature": plots.temperature_figure(run, summary)}
@@ -311,8 +333,10 @@ def compare(outs: list[Path], dest: Path | None = None) -> str:
     last − first (Welch's t over seeds). Returns the markdown; with `dest` also writes compare.md,
     compare.csv and compare_frontier.png/.svg there."""
     from bench import plots, render
-    from bench.results import write_bytes_atomic, write_text_atomic
+    from bench.results import remove_stale_temps, write_bytes_atomic, write_text_atomic
 
+    if dest is not None:
+        _check_compare_dest(dest)
     runs = [load_run(p) for p in outs]
     labels = _labels(outs)
     summaries = [summarize(r) for r in runs]
@@ -338,6 +362,7 @@ def compare(outs: list[Path], dest: Path | None = None) -> str:
     text = render.compare_markdown(labels, rows, runs)
     if dest is not None:
         dest.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest)
         write_text_atomic(dest / "compare.md", text)
         write_text_atomic(dest / "compare.csv", render.compare_csv(labels, rows))
         fig = plots.compare_figure(runs, summaries, labels)
@@ -345,6 +370,16 @@ def compare(outs: list[Path], dest: Path | None = None) -> str:
             write_bytes_atomic(dest / f"compare_frontier.{ext}", plots.to_bytes(fig, ext))
         plots.close(fig)
     return text
+
+
+def _check_compare_dest(dest: Path) -> None:
+    """`compare --out` writes into a new or empty directory, or over an earlier compare's (it has
+    compare.md); never into someone else's directory, e.g. a run's."""
+    if dest.exists() and not dest.is_dir():
+        raise ReportError(f"--out {dest}: exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "compare.md").is_file():
+        raise ReportError(f"--out {dest}: not empty and not an earlier compare's output (no compare.md); "
+                          "choose a new or empty directory")
 
 
 def params_of(run: Run) -> list[tuple[str, str, str, dict]]:

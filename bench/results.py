@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +23,47 @@ TRIAL_COLUMNS = [
 
 
 def _atomic(path: Path, write) -> None:
-    """`write(tmp)` into a temp file beside `path`, then rename: readers never see a partial file."""
+    """`write(tmp)` into a temp file beside `path`, then rename: readers see the old file or the whole
+    new one, never a partial file. The temp file `.NAME.tmp-PID` is hidden and named like no result, so
+    nothing reads it; a write that raises removes it, and one killed outright (SIGKILL) leaves it for
+    `remove_stale_temps`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
+    """Remove the temp files (or folders) matching `pattern` directly in `folder` whose writer, the PID
+    after the last "tmp-", is no longer alive: what a SIGKILLed write left. A live writer's temp may be
+    a write in progress and is kept (harmless: readers open only final names). The PID is checked on
+    this machine, which is right for the folders this is used on: a run's top level (written by its
+    driver, `prefbench report` and `compare`) and export-env's parent folder. Returns what it removed."""
+    removed = []
+    for tmp in Path(folder).glob(pattern):
+        pid = tmp.name.rsplit("tmp-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -40,16 +78,32 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def _read_rows(path: Path) -> pd.DataFrame:
+    """A trial's evals.jsonl; a last line cut short (its worker killed mid-append) is left out."""
+    import io
+
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines = lines[:-1]
+    return pd.read_json(io.StringIO("\n".join(lines)), lines=True) if lines else pd.DataFrame()
+
+
 def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Gather every trial's rows from OUT/trials/<id>/ into the two parquet files."""
     eval_frames, trial_rows = [], []
     for spec in trials:
         tdir = out / "trials" / spec.trial_id
         rows_file = tdir / "evals.jsonl"
-        rows = pd.read_json(rows_file, lines=True) if rows_file.exists() and rows_file.stat().st_size else pd.DataFrame()
+        rows = _read_rows(rows_file)
         summary = json.loads((tdir / "summary.json").read_text()) if (tdir / "summary.json").exists() else {}
         error = status.get(spec.trial_id, "did not run")
-        if error is None and not summary:
+        stopped = tdir / "failure.json"  # a numerical fault stopped it (bench.worker.FAILURE_FILE)
+        if error is None and stopped.exists():
+            error = json.loads(stopped.read_text())["reason"]
+        elif error is None and not summary:
             error = "finished without a summary"
         if len(rows):
             eval_frames.append(rows)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,6 +26,16 @@ RM_CACHE_FORMAT = 1  # bump when the layout or training of the reward-model stag
 
 class UserError(Exception):
     """A mistake the user can fix (paths, existing output); printed as one line, exit 2."""
+
+
+class StageError(Exception):
+    """A shared stage (the env's SFT and pairs, the reward model) failed: one line, exit 1. The sweep
+    cannot start without it; a run that had just started is removed, as after a UserError."""
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run: Ray was shut down, nothing half-written; str() says
+    how to continue (exit 130)."""
 
 
 def cache_root(suite: SuiteConfig) -> Path:
@@ -45,11 +59,47 @@ def env_cache_dir(suite: SuiteConfig, seed: int) -> Path:
     return cache_root(suite) / "envs" / f"{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_manifest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path (a cache entry's DONE holds it)."""
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != "DONE"}
+
+
+def cache_problem(workdir: Path) -> str | None:
+    """Why the cache entry `workdir` cannot be used (a file of its manifest missing or changed), or None.
+
+    Files added after the build (an env's `reference_evals/`) are not in the manifest and not checked.
+    Entries written before manifests existed (no "files" in DONE) are taken as they are."""
+    try:
+        files = json.loads((workdir / "DONE").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return "its DONE marker is unreadable"
+    for rel, digest in files.items():
+        path = workdir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if _sha256(path) != digest:
+            return f"{rel} does not match its sha256"
+    return None
+
+
 def _build_cached(workdir: Path, build, label: str) -> Path:
-    """Run `build(tmp)` once into `workdir` (atomic: temp dir → rename, DONE marker); reuse it after."""
+    """Run `build(tmp)` once into `workdir` (atomic: temp dir → rename, DONE marker holding the sha256
+    of every file); reuse it after, once its files match their hashes. A corrupt entry is rebuilt."""
     if (workdir / "DONE").exists():
-        say(f"[prefbench] {label}: cached at {workdir}")
-        return workdir
+        problem = cache_problem(workdir)
+        if problem is None:
+            say(f"[prefbench] {label}: cached at {workdir}")
+            return workdir
+        say(f"[prefbench] {label}: cache entry {workdir} is corrupt ({problem}); rebuilding it")
+        stale = workdir.with_name(f"{workdir.name}.corrupt-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):  # another run may be replacing it too
+            os.replace(workdir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = workdir.with_name(f"{workdir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -59,7 +109,8 @@ def _build_cached(workdir: Path, build, label: str) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-built stage left in the cache
         raise
-    (tmp / "DONE").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "prefbench": __version__}))
+    (tmp / "DONE").write_text(json.dumps(
+        {"seconds": round(time.time() - t0, 1), "prefbench": __version__, "files": file_manifest(tmp)}))
     if workdir.exists():  # another run finished it meanwhile: keep theirs
         shutil.rmtree(tmp)
     else:
@@ -248,25 +299,77 @@ def run(
     check_env_reachable(suite)
     warn_broken_plugins()
     out_dir = Path(out) if out else default_out(suite)
+    again = shlex.join(["prefbench", "run", *([suite_path] if suite_path else []), "--out", str(out_dir),
+                        *[x for o in overrides for x in ("--set", o)], *(["--address", address] if address else []),
+                        "--resume"])
     if resume:
         if out is None:
             raise UserError("--resume needs --out: the directory of the run to continue")
         _check_resumable(out_dir, suite)
-        return out_dir, _run(suite, trials, out_dir, address, resume=True)
+        with _stop_on_signals():
+            try:
+                return out_dir, _run(suite, trials, out_dir, address, resume=True)
+            except KeyboardInterrupt:
+                raise Interrupted(_interrupted(out_dir, trials, again)) from None
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         hint = "; add --resume to continue it" if (out_dir / "config.yaml").is_file() else ""
         raise UserError(f"--out {out_dir}: already exists and is not an empty directory{hint}")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _stop_on_signals():
+        try:
+            return out_dir, _run(suite, trials, out_dir, address)
+        except (UserError, StageError):
+            _remove_run(out_dir, created)
+            raise
+        except KeyboardInterrupt:
+            if not finished_trials(out_dir, trials) and not (out_dir / "config.yaml").is_file():
+                _remove_run(out_dir, created)  # stopped before the run was recorded: nothing to resume
+                raise Interrupted("interrupted before the run started; nothing was written") from None
+            raise Interrupted(_interrupted(out_dir, trials, again)) from None
+
+
+def _remove_run(out_dir: Path, created: bool) -> None:
+    """Leave --out as it was before this run: removed if the run created it, else emptied."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    else:
+        for child in out_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _interrupted(out_dir: Path, trials: list, again: str) -> str:
+    done = len(finished_trials(out_dir, trials))
+    return (f"interrupted: {done} of {len(trials)} trials finished and kept in {out_dir} (the others from their "
+            f"last checkpoints); continue with: {again}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the main thread, wherever the run is
+    (waiting for a Ray Train stage, inside Tune's loop): `_run` shuts Ray down on the way out and
+    writes no results. A second signal exits at once (130) without waiting for Ray's shutdown."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, second)
+        raise KeyboardInterrupt
+
+    def second(signum, frame):
+        print("prefbench: stopped again: exiting now, without waiting for Ray to shut down", file=sys.stderr)
+        os._exit(130)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, first)
     try:
-        return out_dir, _run(suite, trials, out_dir, address)
-    except UserError:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        else:
-            for child in out_dir.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        raise
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_resumable(out_dir: Path, suite: SuiteConfig) -> None:
@@ -319,19 +422,22 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
             env_dirs, rm_dirs = {}, {}
             needs_rm = any("reward_model" in ALGORITHMS.get(t.algorithm).needs for t in todo)
             for seed in sorted({t.seed for t in todo}):
-                env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage, timing["stages"])
+                with _stage_errors(f"env {suite.env.name} seed {seed}"):
+                    env_dirs[seed] = prepare_env(suite, suite_dict, seed, storage, timing["stages"])
                 check_env_data(suite, seed, env_dirs[seed])
                 if needs_rm:
-                    rm_dirs[seed] = prepare_reward_model(suite, suite_dict, seed, env_dirs[seed], storage, timing["stages"])
+                    with _stage_errors(f"reward model {suite.env.name} seed {seed}"):
+                        rm_dirs[seed] = prepare_reward_model(
+                            suite, suite_dict, seed, env_dirs[seed], storage, timing["stages"])
             name = f"sweep-resume-{time.strftime('%Y%m%d-%H%M%S')}" if resume else "sweep"
             t_sweep = time.time()
             swept, timing["slots"] = ray_runner.run_sweep(
-                suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, storage, name=name)
+                suite, suite_dict, todo, env_dirs, rm_dirs, out_dir, storage, name=name, suite_trials=len(trials))
             timing["sweep_wall_s"] = time.time() - t_sweep
             status.update(swept)
         finally:
             ray_runner.stop_ray()
-    (out_dir / "versions.json").write_text(json.dumps(package_versions(), indent=2))
+    results.write_text_atomic(out_dir / "versions.json", json.dumps(package_versions(), indent=2))
     evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
     path = report.write_report(out_dir)
     if todo:
@@ -340,6 +446,19 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
     failed = int((trials_df["status"] != "ok").sum())
     say(f"[prefbench] {len(trials) - failed}/{len(trials)} trials ok in {time.time() - t0:.0f}s; report: {path}")
     return failed
+
+
+@contextlib.contextmanager
+def _stage_errors(label: str):
+    """A shared stage's Ray Train job that failed → StageError with the worker's own error in one line."""
+    from bench.ray_runner import one_line
+
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise StageError(f"{label}: the stage failed: {one_line(e)}") from None
 
 
 def run_timing(out_dir: Path, timing: dict, wall_s: float, concurrent: int) -> dict:

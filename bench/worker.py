@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
-from algorithms.interface import TrainContext, TrainSettings, trainable_modules, warmup_lambda
+from algorithms.interface import NonFiniteError, TrainContext, TrainSettings, require_finite, trainable_modules, warmup_lambda
 from algorithms.policy import Policy
 from algorithms.reward_model import ScalarModel, split_pairs, train_reward_model
 from algorithms.sft import lm_finetune
@@ -30,7 +30,7 @@ from bench.config import DeepSpeedSettings, SuiteConfig, TrialSpec, build_datacl
 from bench.evaluate import EvalSet, best_of_n_stats, concat_stats, sample_stats, summarize
 from bench.results import write_text_atomic
 from envs import ENVS
-from envs.base import gold_fn, load_env_data
+from envs.base import GoldRewardError, gold_fn, load_env_data
 
 Report = Callable[..., None]  # report(metrics, checkpoint=None): checkpoint is a local directory to persist
 REFERENCE_EVAL_FORMAT = 2  # part of the cache key of reference evaluations: bump when the evaluator changes
@@ -184,20 +184,30 @@ def wrap_with_deepspeed(
 
     self_clip = clips_itself(ds)
     max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")  # inf: the norm only
+    calls = 0
 
     def optimize(loss: torch.Tensor) -> dict:
+        nonlocal calls
+        calls += 1
+        # a NaN/inf loss would step NaN into every weight: stop here, before backward (a local check:
+        # with several ranks the raising rank ends its worker and Ray Train stops the group)
+        require_finite(f"the loss at optimizer step {calls}", loss.detach())
         lr = engine.get_lr()[0]
         engine.backward(loss)
         norm = None
         if self_clip:  # the norm before clipping, as DeepSpeed reports it for ZeRO >= 1
             grads = [p for p in params if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True) if grads else None
+            if norm is not None:  # before the step: inf/NaN gradients never reach the weights
+                require_finite(f"the gradient norm at optimizer step {calls}", norm)
         elif ds.zero_stage == 0:  # bf16 ZeRO-0: DeepSpeed clips but does not track the norm
             grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else None
         engine.step()
         if norm is None:
             norm = engine.get_global_grad_norm()
+        if norm is not None:
+            require_finite(f"the gradient norm at optimizer step {calls}", float(norm))
         return {"lr": float(lr), "grad_norm": float(norm) if norm is not None else float("nan")}
 
     optimize.engine = engine  # for checkpoints (save_checkpoint / load_checkpoint)
@@ -211,6 +221,14 @@ def save_hf(obj, path: Path, rank: int) -> None:
     with obj.gathered():
         if rank == 0:
             obj.save_pretrained(path)
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _all_gather(obj, world: int) -> list:
@@ -281,7 +299,10 @@ def run_env_stage(payload: dict, report: Report) -> None:
     with policy.gathered():  # ZeRO-3: the whole SFT model on every rank; rank 0 saves and samples pairs
         if rank == 0:
             policy.save_pretrained(workdir / "sft")
-            env.finish(policy, params, seed, workdir)
+            try:
+                env.finish(policy, params, seed, workdir)
+            except GoldRewardError as e:  # the recipes name the env only when given `env.gold` itself
+                raise (e if str(e).startswith("env ") else GoldRewardError(f"env {env.name}: {e}")) from None
             (workdir / "sft_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
     _barrier(world)
     write_stage_timing(workdir, rank, t_entry, ds_init_s)
@@ -315,7 +336,47 @@ def run_rm_stage(payload: dict, report: Report) -> None:
 
 
 # ----------------------------------------------------------------------------------- trials
+FAILURE_FILE = "failure.json"  # a trial stopped by a numerical fault: its reason (bench.results reads it)
+# logged training metrics that are a loss, a reward or a KL: NaN/inf in one stops the trial
+GUARDED_METRICS = ("losses/", "rewards/", "objective/", "policy/")
+
+
 def run_trial(payload: dict, report: Report) -> None:
+    """One trial (see `_run_trial`). A NaN/inf loss, reward or KL, or a gold reward that broke its
+    contract, stops it: retrying would only repeat it, so on one rank the reason goes to
+    `failure.json` (trials.parquet: status failed) and the trial ends without raising. With several
+    ranks the error is raised: another rank may be waiting in a collective, and Ray Train stops the
+    whole group (FailureConfig may retry it from its checkpoint first; trials.parquet gets the reason)."""
+    trial_dir = Path(payload["trial_dir"])
+    try:
+        _run_trial(payload, report)
+    except (NonFiniteError, GoldRewardError) as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise
+        reason = f"{type(e).__name__}: {e}"
+        write_text_atomic(trial_dir / FAILURE_FILE, json.dumps({"reason": reason}))
+        report({"trial_id": payload["trial"]["trial_id"], "stopped": reason})
+
+
+def _check_logged(step: int, metrics: dict) -> None:
+    """A logged loss, reward or KL (GUARDED_METRICS) that is NaN/inf stops the trial; lr, grad norm
+    and the like may be NaN (e.g. no norm tracked)."""
+    for key, value in metrics.items():
+        if key.startswith(GUARDED_METRICS):
+            require_finite(f"{key} at step {step}", value)
+
+
+def _check_eval_rows(rows: list[dict], step: int) -> None:
+    """An evaluation with a NaN/inf metric stops the trial before its rows are written (no NaN rows in
+    tables). KL is NaN by definition where it is not estimated (greedy decoding; analytic for best-of-n)."""
+    for r in rows:
+        where = f"the evaluation at step {step} (T={r['temperature']:g})"
+        keys = ["gold_reward", "win_rate", "gen_len"] + (["kl", "kl_k3"] if r.get("kl_kind") == "estimated" else [])
+        for key in keys:
+            require_finite(f"{key} of {where}", r[key])
+
+
+def _run_trial(payload: dict, report: Report) -> None:
     """One trial: load the env, wrap the policy in DeepSpeed, run the algorithm, evaluate."""
     suite, rank, world, device = _setup(payload)
     spec = TrialSpec(**payload["trial"])
@@ -324,6 +385,8 @@ def run_trial(payload: dict, report: Report) -> None:
     workdir = Path(payload["env_dir"])
     trial_dir = Path(payload["trial_dir"])
     trial_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (trial_dir / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier attempt (a --resume reruns it)
     t_start = time.time()
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
@@ -395,8 +458,9 @@ def run_trial(payload: dict, report: Report) -> None:
              "format": REFERENCE_EVAL_FORMAT},
             sort_keys=True).encode()).hexdigest()[:16]
         path = workdir / "reference_evals" / f"{key}.json"
-        if _all_gather(path.exists(), world)[0]:  # rank 0 decides, so every rank takes the same branch
-            return json.loads(path.read_text())
+        cached = _read_json(path) if rank == 0 else None  # an unreadable (corrupt) file is computed again
+        if _all_gather(cached is not None, world)[0]:  # rank 0 decides, so every rank takes the same branch
+            return cached if rank == 0 else json.loads(path.read_text())
         row = measure(reference, temperature, seed)
         if rank == 0:
             path.parent.mkdir(exist_ok=True)
@@ -422,6 +486,7 @@ def run_trial(payload: dict, report: Report) -> None:
                     continue
                 untouched = sampler is reference or (sampler is policy and not stepped)
                 rows.append(reference_row(temperature, seed) if untouched else measure(sampler, temperature, seed))
+        _check_eval_rows(rows, step)
         eval_time += time.time() - t0
         wall = time.time() - t_start
         at_t1 = ([r for r in rows if r["temperature"] == 1.0] or rows)[-1]  # best-of-n: its largest n
@@ -447,16 +512,21 @@ def run_trial(payload: dict, report: Report) -> None:
 
     def log(step: int, metrics: dict) -> None:
         metrics = _mean_over_ranks(metrics, world)
+        _check_logged(step, metrics)
         if rank == 0:
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     # until the first optimizer step the policy is the reference, weight for weight
     stepped = bool(resume and resume["step"] > 0)
+    n_steps = resume["step"] if resume else 0  # optimizer steps (= trial steps for the pair methods)
 
     def step_policy(loss: torch.Tensor) -> dict:
-        nonlocal stepped
+        nonlocal stepped, n_steps
         stepped = True
+        n_steps += 1
+        if rank == 0 and step_fault(spec.trial_id, n_steps) == "nan":
+            loss = loss * float("nan")
         return optimize(loss)
 
     ctx = TrainContext(
@@ -547,20 +617,43 @@ def load_checkpoint(path: str | None, optimize, trial_dir: Path, rank: int, worl
 FAULTS_ENV = "PREFBENCH_FAULTS"
 
 
+def _faults(trial_id: str, step: int) -> list[str]:
+    """The actions $PREFBENCH_FAULTS names for (trial, step)."""
+    items = (item.strip().rpartition(":") for item in os.environ.get(FAULTS_ENV, "").split(",") if item.strip())
+    return [action for target, _, action in items if target == f"{trial_id}@{step}"]
+
+
+def step_fault(trial_id: str, step: int) -> str | None:
+    """Fault injection at an optimizer step (rank 0), for the reliability tests.
+
+    `TRIAL_ID@STEP:nan`: the loss of optimizer step STEP becomes NaN (the loss guard must stop the
+    trial); `TRIAL_ID@STEP:die`: the worker SIGKILLs itself at that step in EVERY attempt, so the
+    trial keeps failing (FailureConfig gives up after `scaling.max_failures` restarts). Returns
+    "nan" for the caller to apply. Unset in normal use."""
+    import signal
+
+    actions = _faults(trial_id, step)
+    if "die" in actions:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "nan" if "nan" in actions else None
+
+
 def inject_fault(trial_dir: Path, trial_id: str, step: int, rank: int) -> None:
     """Fault injection for the reliability tests, right after a checkpoint was reported.
 
-    $PREFBENCH_FAULTS lists `TRIAL_ID@STEP:ACTION` items (comma-separated); ACTION `kill`: this
+    $PREFBENCH_FAULTS lists `TRIAL_ID@STEP:ACTION` items (comma-separated); here ACTION `kill`: this
     worker process dies (SIGKILL) 5 s later (Ray Train V2 collects reports about every 2 s; a
-    checkpoint the controller never collected is lost with its worker), `hang`: it stops for an hour (for killing the whole run from
-    outside at a known point). Each fires once per trial directory (a marker file), so the
-    restarted trial runs on. Unset in normal use.
+    checkpoint the controller never collected is lost with its worker), `hang`: it stops for an hour
+    (for killing or interrupting the whole run from outside at a known point). Each fires once per
+    trial directory (a marker file), so the restarted trial runs on. See `step_fault` for `nan` and
+    `die`. Unset in normal use.
     """
     import signal
 
-    for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
-        target, _, action = item.strip().rpartition(":")
-        if target != f"{trial_id}@{step}" or rank != 0:
+    if rank != 0:
+        return
+    for action in _faults(trial_id, step):
+        if action not in ("kill", "hang"):
             continue
         marker = trial_dir / f".fault-{step}-{action}"
         if marker.exists():

@@ -35,7 +35,7 @@ import functools
 import itertools
 import json
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pandas as pd
@@ -56,10 +56,48 @@ class Env(Protocol):
     def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...
 
 
+class GoldRewardError(ValueError):
+    """An env's gold reward broke its contract (not one finite float per completion); str() names the env."""
+
+
+def checked_gold(gold: Callable[[list[str], list[str]], Any], env_name: str | None) -> Callable[[list[str], list[str]], np.ndarray]:
+    """`gold` checked at the boundary: one finite float per completion, or GoldRewardError naming the env."""
+    who = f"env {env_name}: gold reward" if env_name else "gold reward"
+
+    def checked(prompts: list[str], completions: list[str]) -> np.ndarray:
+        raw = gold(prompts, completions)
+        try:
+            scores = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise GoldRewardError(f"{who} returned {type(raw).__name__}, "
+                                  "not one float per completion") from None
+        if scores.shape != (len(completions),):
+            raise GoldRewardError(f"{who} returned {scores.size} values of shape "
+                                  f"{tuple(scores.shape)} for {len(completions)} completions")
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise GoldRewardError(f"{who} returned {scores[i]} for {int(bad.sum())} of "
+                                  f"{len(completions)} completions (first: {completions[i][:60]!r})")
+        return scores
+
+    checked.__wrapped__ = gold
+    return checked
+
+
 def gold_fn(env: Env, params, workdir: Path) -> Callable[[list[str], list[str]], np.ndarray]:
-    """The env's gold reward for a prepared workdir: `env.gold_for(params, workdir)` or `env.gold`."""
+    """The env's gold reward for a prepared workdir (`env.gold_for(params, workdir)` or `env.gold`),
+    checked: a NaN, an inf or a wrong number of scores raises GoldRewardError with the env's name."""
     bind = getattr(env, "gold_for", None)
-    return bind(params, workdir) if bind is not None else env.gold
+    return checked_gold(bind(params, workdir) if bind is not None else env.gold, env.name)
+
+
+def _checked(gold: Callable) -> Callable[[list[str], list[str]], np.ndarray]:
+    """`checked_gold` for the recipes below, which get `env.gold` (a bound method: its env's name) or a
+    `gold_for` closure (no name: bench's env stage adds it to the error)."""
+    if hasattr(gold, "__wrapped__"):
+        return gold
+    return checked_gold(gold, getattr(getattr(gold, "__self__", None), "name", None))
 
 
 def preflight(env: Env, params) -> None:
@@ -96,7 +134,7 @@ def pairs_from_samples(
     roll = sft.generate(
         prompts, n=samples_per_prompt, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
     )
-    scores = gold(roll.prompts, roll.completions)
+    scores = _checked(gold)(roll.prompts, roll.completions)
     rows = []
     for p in range(len(prompts)):
         lo = p * samples_per_prompt
@@ -120,7 +158,7 @@ def references_from_samples(
     """One SFT sample per eval prompt at T = 1: the baseline win rates are measured against."""
     roll = sft.generate(prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     return pd.DataFrame(
-        {"prompt": roll.prompts, "completion": roll.completions, "gold": gold(roll.prompts, roll.completions)}
+        {"prompt": roll.prompts, "completion": roll.completions, "gold": _checked(gold)(roll.prompts, roll.completions)}
     )
 
 

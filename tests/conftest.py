@@ -39,3 +39,15 @@ def e2e_cache(tmp_path_factory):
     """One prefbench cache (envs, reward models) shared by every test that prepares the env of
     tests/suites/e2e.yaml — the e2e run and the export-env tests — so its SFT runs once per session."""
     return tmp_path_factory.mktemp("e2e-cache")
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, e2e_cache):
+    """The e2e suite run once per session (tests/test_e2e.py reads it; tests/reliability/ compares
+    its own runs with it): (OUT, the run's stderr, its cache)."""
+    from tests.e2e_run import run_cli
+
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    proc = run_cli(out, cache=e2e_cache)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stderr, e2e_cache

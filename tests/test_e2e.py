@@ -11,31 +11,8 @@ import sys
 import pandas as pd
 import pytest
 
-from pathlib import Path
-
 from bench.results import EVAL_COLUMNS
-
-E2E = str(Path(__file__).parent / "suites" / "e2e.yaml")  # every algorithm, tiny sizes
-ALL_TRIALS = sorted([
-    "sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "ipo-beta=1.0-seed0", "ppo-kl_coef=0.1-seed0",
-    "ppo-gt-kl_coef=0.05-seed0", "best-of-n-seed0", "preferred-ft-seed0", "unlikelihood-alpha=0.1-seed0",
-])
-
-
-def run_cli(out, sets=(), cache=None, suite=E2E, timeout=1200, extra=()):
-    args = [sys.executable, "-m", "bench.cli", "run", suite, "--out", str(out), *extra]
-    for s in sets:
-        args += ["--set", s]
-    env = {**os.environ, **({"PREFBENCH_CACHE": str(cache)} if cache else {})}
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, e2e_cache):
-    out = tmp_path_factory.mktemp("e2e") / "out"
-    proc = run_cli(out, cache=e2e_cache)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc.stderr, e2e_cache
+from tests.e2e_run import ALL_TRIALS, E2E, dpo_log as _dpo_log, run_cli
 
 
 @pytest.mark.slow
@@ -169,11 +146,6 @@ def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
     assert not out.exists()
 
 
-def _dpo_log(run, trial="dpo-beta=0.5-seed0"):
-    rows = [json.loads(line) for line in (run / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
-    return [r["losses/dpo"] for r in rows], [r["optim/grad_norm"] for r in rows]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_stage):
@@ -217,75 +189,6 @@ def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_sta
     ref = AutoModelForCausalLM.from_pretrained(run_dir[0] / "trials" / "dpo-beta=0.5-seed0" / "policy").state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in ref.items()}
     assert max(float((saved[k] - ref[k]).abs().max()) for k in ref) < 1e-3
-
-
-def _session_pids(sid: int, pattern: str = "") -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines()
-            if int(line.split()[1]) == sid and pattern in line]
-
-
-@pytest.mark.slow
-def test_killed_worker_and_killed_run_resume_from_checkpoints(run_dir, tmp_path):
-    """A Train worker killed mid-trial is restarted from the trial's checkpoint (FailureConfig);
-    the whole run killed mid-sweep continues with --resume: every trial once, finished ones not
-    rerun, the interrupted one from its checkpoint, with the uninterrupted run's exact losses."""
-    import signal
-
-    _, _, cache = run_dir
-    out = tmp_path / "out"
-    sets = ["algorithms=[{name: dpo, sweep: {beta: [0.5, 2.0]}}]", "scaling.max_concurrent_trials=1"]
-    args = [sys.executable, "-m", "bench.cli", "run", E2E, "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    # right after their step-6 checkpoints: beta 0.5's worker dies, beta 2.0's hangs (and we kill the run)
-    faults = "dpo-beta=0.5-seed0@6:kill,dpo-beta=2.0-seed0@6:hang"
-    env = {**os.environ, "PREFBENCH_CACHE": str(cache), "PREFBENCH_FAULTS": faults}
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    events = []
-    try:
-        for line in proc.stderr:
-            events.append(line)
-            if "dpo-beta=2.0-seed0 eval  step 6/12" in line:
-                break
-    finally:
-        for pid in _session_pids(proc.pid):  # the driver and every Ray process it started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
-    text = "".join(events)
-    assert "dpo-beta=0.5-seed0 resumed from its checkpoint at step 6" in text, text[-3000:]
-    assert "done  dpo-beta=0.5-seed0" in text
-    finished = {t: (out / "trials" / t / "summary.json").stat().st_mtime_ns for t in ("sft-seed0", "dpo-beta=0.5-seed0")}
-    assert not (out / "trials" / "dpo-beta=2.0-seed0" / "summary.json").exists()
-    assert not (out / "trials.parquet").exists()
-
-    again = run_cli(out, sets, cache=cache, timeout=900, extra=["--resume"])
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "2 of 3 trials finished, 1 to run" in again.stderr
-    assert "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in again.stderr
-    assert "start sft-seed0" not in again.stderr and "start dpo-beta=0.5-seed0" not in again.stderr
-    for trial, mtime in finished.items():  # finished trials were neither rerun nor rewritten
-        assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
-
-    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
-    assert sorted(trials.index) == ["dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "sft-seed0"]
-    assert (trials["status"] == "ok").all(), trials["reason"]
-    assert trials.loc["dpo-beta=0.5-seed0", "resumed_from"] == 6 and trials.loc["dpo-beta=2.0-seed0", "resumed_from"] == 6
-    evals = pd.read_parquet(out / "evals.parquet")
-    assert not evals.duplicated(["trial_id", "step", "temperature", "knob_value"]).any()
-    base = pd.read_parquet(run_dir[0] / "evals.parquet")
-    for trial in ("dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"):
-        # restored weights, optimizer and schedule: the uninterrupted run's losses and final metrics
-        # (up to float noise: that run used another torch thread count; a reset Adam state or schedule
-        # would differ by > 1e-3 from the first step after the checkpoint)
-        assert _dpo_log(out, trial)[0] == pytest.approx(_dpo_log(run_dir[0], trial)[0], abs=1e-4)
-        mine = evals[evals["trial_id"] == trial].sort_values(["step", "temperature"])
-        theirs = base[base["trial_id"] == trial].sort_values(["step", "temperature"])
-        assert mine["step"].tolist() == theirs["step"].tolist() == [0, 6, 12, 12, 12, 12, 12]
-        assert mine["gold_reward"].tolist() == pytest.approx(theirs["gold_reward"].tolist(), abs=0.01)
 
 
 @pytest.mark.slow

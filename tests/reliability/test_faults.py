@@ -1,0 +1,184 @@
+"""Fault injection through real `prefbench run`s (Ray Train + Tune + DeepSpeed), each asserting what
+survived: a killed worker, a killed driver, SIGINT, a NaN loss, a trial whose worker keeps dying, a
+corrupt cache entry. `PREFBENCH_FAULTS` (bench/worker.py) places the faults at known steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.e2e_run import METRICS, cli_args, dpo_log, run_cli, session_pids
+
+DPO_SWEEP = "algorithms=[{name: dpo, sweep: {beta: [0.5, 2.0]}}]"
+KEY = ["trial_id", "step", "temperature", "knob_value"]
+
+
+def _rows(out, trials):
+    evals = pd.read_parquet(out / "evals.parquet")
+    return evals[evals["trial_id"].isin(trials)].sort_values(KEY).reset_index(drop=True)
+
+
+def _start(out, sets, cache, faults):
+    env = {**os.environ, "PREFBENCH_CACHE": str(cache), "PREFBENCH_FAULTS": faults}
+    return subprocess.Popen(cli_args(out, sets), stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+def _read_until(proc, marker: str) -> str:
+    events = []
+    for line in proc.stderr:
+        events.append(line)
+        if marker in line:
+            return "".join(events)
+    raise AssertionError(f"the run ended before {marker!r}:\n" + "".join(events)[-3000:])
+
+
+@pytest.mark.slow
+def test_killed_worker_and_killed_run_resume_from_checkpoints(run_dir, tmp_path):
+    """A Train worker killed mid-trial is restarted from the trial's checkpoint (FailureConfig);
+    the whole run killed mid-sweep (driver and every Ray process, SIGKILL) continues with --resume:
+    every trial once, finished ones not rerun, the interrupted one from its checkpoint, with the
+    uninterrupted run's losses."""
+    _, _, cache = run_dir
+    out = tmp_path / "out"
+    sets = [DPO_SWEEP, "scaling.max_concurrent_trials=1"]
+    # right after their step-6 checkpoints: beta 0.5's worker dies, beta 2.0's hangs (and we kill the run)
+    proc = _start(out, sets, cache, "dpo-beta=0.5-seed0@6:kill,dpo-beta=2.0-seed0@6:hang")
+    try:
+        text = _read_until(proc, "dpo-beta=2.0-seed0 eval  step 6/12")
+    finally:
+        for pid in session_pids(proc.pid):  # the driver and every Ray process it started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=60)
+    assert "dpo-beta=0.5-seed0 resumed from its checkpoint at step 6" in text, text[-3000:]
+    assert "done  dpo-beta=0.5-seed0" in text
+    finished = {t: (out / "trials" / t / "summary.json").stat().st_mtime_ns for t in ("sft-seed0", "dpo-beta=0.5-seed0")}
+    assert not (out / "trials" / "dpo-beta=2.0-seed0" / "summary.json").exists()
+    assert not (out / "trials.parquet").exists()
+
+    again = run_cli(out, sets, cache=cache, timeout=900, extra=["--resume"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "2 of 3 trials finished, 1 to run" in again.stderr
+    assert "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in again.stderr
+    assert "start sft-seed0" not in again.stderr and "start dpo-beta=0.5-seed0" not in again.stderr
+    for trial, mtime in finished.items():  # finished trials were neither rerun nor rewritten
+        assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
+
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert sorted(trials.index) == ["dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "sft-seed0"]
+    assert (trials["status"] == "ok").all(), trials["reason"]
+    assert trials.loc["dpo-beta=0.5-seed0", "resumed_from"] == 6 and trials.loc["dpo-beta=2.0-seed0", "resumed_from"] == 6
+    evals = pd.read_parquet(out / "evals.parquet")
+    assert not evals.duplicated(KEY).any()
+    base = pd.read_parquet(run_dir[0] / "evals.parquet")
+    for trial in ("dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"):
+        # restored weights, optimizer and schedule: the uninterrupted run's losses and final metrics
+        # (up to float noise: one trial at a time runs 2 torch threads, the e2e run 1; a reset Adam
+        # state or schedule would differ by > 1e-3 from the first step after the checkpoint)
+        assert dpo_log(out, trial)[0] == pytest.approx(dpo_log(run_dir[0], trial)[0], abs=1e-4)
+        mine = evals[evals["trial_id"] == trial].sort_values(["step", "temperature"])
+        theirs = base[base["trial_id"] == trial].sort_values(["step", "temperature"])
+        assert mine["step"].tolist() == theirs["step"].tolist() == [0, 6, 12, 12, 12, 12, 12]
+        assert mine["gold_reward"].tolist() == pytest.approx(theirs["gold_reward"].tolist(), abs=0.01)
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_and_resume_gives_the_same_numbers_bit_for_bit(run_dir, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) mid-sweep: one line, exit 130, Ray gone, no results
+    written; --resume finishes it. Every metric and loss then equals the e2e run's own trials exactly:
+    the same suite and seed on CPU give identical numbers, a trial resumed from its checkpoint included."""
+    _, _, cache = run_dir
+    out = tmp_path / "out"
+    proc = _start(out, [DPO_SWEEP], cache, "dpo-beta=2.0-seed0@6:hang")  # a known point to interrupt at
+    try:
+        _read_until(proc, "dpo-beta=2.0-seed0 eval  step 6/12")
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    errors = [line for line in rest.splitlines() if line.startswith("prefbench:")]
+    assert rc == 130, rest[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("prefbench: interrupted: ") and "--resume" in errors[0], rest[-3000:]
+    assert "Traceback" not in rest
+    for name in ("evals.parquet", "trials.parquet", "report.md"):
+        assert not (out / name).exists(), name
+    assert (out / "config.yaml").is_file()
+    deadline = time.time() + 30
+    while session_pids(proc.pid) and time.time() < deadline:  # Ray shut down with the driver
+        time.sleep(1)
+    assert session_pids(proc.pid) == []
+
+    again = run_cli(out, [DPO_SWEEP], cache=cache, timeout=900, extra=["--resume"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in again.stderr
+    trials = ["sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"]
+    assert (pd.read_parquet(out / "trials.parquet")["status"] == "ok").all()
+    mine, theirs = _rows(out, trials), _rows(run_dir[0], trials)
+    assert len(mine) == len(theirs) == 5 + 7 + 7 and mine[KEY].equals(theirs[KEY])
+    pd.testing.assert_frame_equal(mine[METRICS], theirs[METRICS], check_exact=True)
+    for trial in trials[1:]:
+        assert dpo_log(out, trial) == dpo_log(run_dir[0], trial)
+
+
+@pytest.mark.slow
+def test_nan_loss_and_a_worker_that_keeps_dying_fail_only_their_trials(run_dir, tmp_path):
+    """In one run: a NaN loss stops its trial at once with the reason (no retry, no NaN row); a trial
+    whose worker dies in every attempt is given up after scaling.max_failures restarts; both are
+    `failed` in trials.parquet, listed in the report and absent from its tables; the other trials
+    complete. The cached reward model was corrupted beforehand: its hash gives it away and it is
+    rebuilt, identical, so best-of-n reproduces the e2e run's numbers."""
+    from bench.run import cache_problem
+
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    shutil.copytree(run_dir[2], cache)
+    (rm_dir,) = (cache / "reward_models").iterdir()
+    weights = next(rm_dir.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte deep in the weights: the file still loads
+    weights.write_bytes(bytes(data))
+    assert "does not match its sha256" in cache_problem(rm_dir)
+
+    sets = ["algorithms=[{name: dpo, sweep: {beta: [0.5, 2.0]}}, {name: best-of-n, params: {n: 8}}]"]
+    faults = "dpo-beta=0.5-seed0@4:nan,dpo-beta=2.0-seed0@8:die"
+    proc = run_cli(out, sets, cache=cache, timeout=900, env={"PREFBENCH_FAULTS": faults})
+    assert proc.returncode == 1, proc.stderr[-4000:]  # some trials failed; results and report written
+    assert "is corrupt (model/model.safetensors does not match its sha256); rebuilding it" in proc.stderr
+    assert cache_problem(rm_dir) is None
+    assert json.loads((rm_dir / "metrics.json").read_text()) == json.loads(
+        next((run_dir[2] / "reward_models").iterdir()).joinpath("metrics.json").read_text())
+
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert trials.loc["dpo-beta=0.5-seed0", "status"] == "failed"
+    assert trials.loc["dpo-beta=0.5-seed0", "reason"] == "NonFiniteError: the loss at optimizer step 4 is nan"
+    assert proc.stderr.count("dpo-beta=0.5-seed0 stopped: NonFiniteError") == 1  # not retried
+    dying = trials.loc["dpo-beta=2.0-seed0"]
+    assert dying["status"] == "failed" and dying["reason"].startswith("a Ray worker process died")
+    assert dying["reason"].endswith("(after 1 restart from its checkpoint: scaling.max_failures)")
+    assert (trials.loc[["sft-seed0", "best-of-n-seed0"], "status"] == "ok").all()
+
+    evals = pd.read_parquet(out / "evals.parquet")
+    assert np.isfinite(evals["gold_reward"]).all() and np.isfinite(evals["win_rate"]).all()
+    nan_rows = evals[evals["trial_id"] == "dpo-beta=0.5-seed0"]
+    assert nan_rows["step"].tolist() == [0]  # the step-0 evaluation, before the fault
+    both = ["sft-seed0", "best-of-n-seed0"]
+    pd.testing.assert_frame_equal(_rows(out, both)[METRICS], _rows(run_dir[0], both)[METRICS], check_exact=True)
+
+    report = (out / "report.md").read_text()
+    failed_section = report[report.index("## Failed trials"):]
+    assert "`dpo-beta=0.5-seed0`: NonFiniteError" in failed_section and "`dpo-beta=2.0-seed0`: a Ray worker" in failed_section
+    tables = report[: report.index("## Failed trials")]
+    assert "| dpo |" not in tables and "| best-of-n |" in tables
+    assert "dpo" not in set(pd.read_csv(out / "report.csv")["algorithm"])
