@@ -12,6 +12,14 @@ dataset (stanfordnlp/imdb: parquet files under plain_text/, splits train/test/un
 columns text and label) or a local folder laid out like its hub repo; `sft_model` and
 `gold_model` are hub models or directories saved with save_pretrained. The same loading code
 serves both, so the tests run this env on tiny local stand-ins.
+
+Only the `text` column is read (prefixes are drawn whatever the label; the gold classifier judges
+sentiment). Data that cannot be used is one line from `build` naming the dataset and the param to
+change: no such split or config, a file that is empty or not parquet, no rows, no text column or
+one that holds no strings, too few usable reviews (empty and null ones are skipped). So is a
+sequence longer than the sft_model's context (config n_positions / max_position_embeddings): a
+prefix with max_new_tokens after it, or an SFT review (cut to sft_max_tokens) with its EOS. No
+text is cut to fit the context; past it, the position embeddings would fail mid-run.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
 from envs.base import finish_from_samples, join_text, sft_train_settings
-from envs.hub import Unavailable, load_split, require_dataset, require_model
+from envs.hub import (Unavailable, check_context, context_length, read_split, require_dataset, require_model,
+                      require_text_columns)
 
 BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -170,19 +179,13 @@ class Imdb:
     # ------------------------------------------------------------------------------- data
     def _reviews(self, params: ImdbParams, split: str) -> list[str]:
         """The split's reviews, cleaned, empty ones dropped, in dataset order."""
-        try:
-            ds = load_split(params.dataset, split, params.dataset_config)
-        except Exception as e:  # missing split or config, malformed files: one line, not a traceback
-            first = str(e).splitlines()[0][:200] if str(e) else ""
-            raise ValueError(f"env {self.name}: cannot load split {split!r} of dataset {params.dataset} "
-                             f"(config {params.dataset_config}): {type(e).__name__}: {first}") from None
-        if "text" not in ds.column_names:
-            raise ValueError(f"env {self.name}: dataset {params.dataset} split {split!r} has no 'text' column "
-                             f"(columns: {', '.join(ds.column_names)})")
+        # missing split or config, an empty / non-parquet file, no rows, no text column: one line each
+        ds = read_split(params.dataset, split, params.dataset_config, env=self.name, param="dataset")
+        require_text_columns(ds, ["text"], name=params.dataset, split=split, env=self.name, param="dataset")
         reviews = [t for t in map(clean, ds["text"]) if t]
         if not reviews:
-            raise ValueError(f"env {self.name}: dataset {params.dataset} split {split!r} has no usable reviews "
-                             f"({len(ds)} rows, every text empty)")
+            raise ValueError(f"env {self.name}: dataset {params.dataset} (env.params.dataset), split {split!r}, has "
+                             f"no usable reviews ({len(ds)} rows, every text empty or null)")
         return reviews
 
     def _take(self, reviews: list[str], n: int, rng: np.random.Generator, what: str, split: str, params) -> list[str]:
@@ -214,21 +217,39 @@ class Imdb:
 
     # ----------------------------------------------------------------------------- stages
     def build(self, params: ImdbParams, seed: int, workdir: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         train, test = self._reviews(params, "train"), self._reviews(params, "test")  # data first: cheap to fail
         tokenizer = AutoTokenizer.from_pretrained(_path(params.sft_model))
+        context = context_length(AutoConfig.from_pretrained(_path(params.sft_model)))
+        model_name = f"sft_model {params.sft_model}"
         # separate generators, so that changing one count leaves the other selections as they were
         train_prompts = self._prompts(train, params.num_train_prompts, tokenizer, np.random.default_rng([seed, 1]),
                                       "num_train_prompts", "train", params)
         eval_prompts = self._prompts(test, params.num_eval_prompts, tokenizer, np.random.default_rng([seed, 2]),
                                      "num_eval_prompts", "test", params)
-        (workdir / "prompts.json").write_text(json.dumps({"train": train_prompts, "eval": eval_prompts}))
+        # a prefix as the policy encodes it (BOS where its tokenizer adds one) + the completion must fit
+
+        def shorter_completions(limit: int, longest: int) -> str:
+            if longest < limit:
+                return f"set env.params.max_new_tokens <= {limit - longest}"
+            return f"lower env.params.max_prefix_tokens (now {params.max_prefix_tokens})"
+
+        prompt_lengths = [len(x) for x in tokenizer(train_prompts + eval_prompts, add_special_tokens=True)["input_ids"]]
+        check_context(prompt_lengths, params.max_new_tokens, context=context, env=self.name, what="prefixes",
+                      model=model_name, extra_name=f"max_new_tokens={params.max_new_tokens}", fix=shorter_completions)
+        corpus = None
         if params.sft_epochs > 0:
             sft = self._take(train, params.num_sft_reviews, np.random.default_rng([seed, 3]), "num_sft_reviews",
                              "train", params)
             ids = tokenizer(sft, add_special_tokens=False, truncation=True, max_length=params.sft_max_tokens)["input_ids"]
+            bos = len(tokenizer("", add_special_tokens=True)["input_ids"])  # SFT trains on BOS + text + EOS
+            check_context([bos + len(x) for x in ids], 1, context=context, env=self.name, what="SFT reviews",
+                          model=model_name, extra_name="EOS",
+                          fix=lambda limit, _: f"set env.params.sft_max_tokens <= {limit - 1 - bos}")
             corpus = [tokenizer.decode(x, clean_up_tokenization_spaces=False) for x in ids]  # text as written
+        (workdir / "prompts.json").write_text(json.dumps({"train": train_prompts, "eval": eval_prompts}))
+        if corpus is not None:
             pd.DataFrame({"text": corpus}).to_parquet(workdir / "corpus.parquet", index=False)
         model = AutoModelForCausalLM.from_pretrained(_path(params.sft_model))
         Policy(model, tokenizer).save_pretrained(workdir / "init")

@@ -16,6 +16,16 @@ reference. Completions are " " + summary text: the leading space is the word bou
 "TL;DR:", so pair texts tokenize like the SFT model's own continuations.
 
 Every model and dataset is a hub id or a local folder (envs/hub.py); tests use local files.
+
+Lengths: posts longer than `max_prompt_tokens` (in the policy's tokens) are dropped and counted,
+as the paper's pipeline does (the CarperAI splits are already filtered to fit GPT-J's 550-token
+training length); pairs whose summary exceeds `max_new_tokens` are dropped too. What is kept must
+fit the sft_model's context (config n_positions / max_position_embeddings): each kept post with
+max_new_tokens after it, and with sft_epochs > 0 each SFT text (post + summary + EOS). If not,
+`build` stops with one line giving the value of max_prompt_tokens that fits; no text is cut to
+fit. Other unusable data is one line too (no such split, a file that is empty or not parquet, no
+rows, a missing or non-text column, nothing left after the length filter, a tokenizer larger
+than the model's vocabulary); rows with a null cell are dropped and counted.
 """
 
 from __future__ import annotations
@@ -96,20 +106,19 @@ def _say(message: str) -> None:
     print(f"[prefbench] env tldr: {message}", file=sys.stderr, flush=True)
 
 
-def _columns(name: str, split: str, needed: list[str], param: str) -> pd.DataFrame:
-    """The `needed` columns of a split; a missing split or column is one line naming the env param."""
-    from envs.hub import load_split
+def _columns(name: str, split: str, needed: list[str], param: str) -> tuple[pd.DataFrame, int]:
+    """The `needed` text columns of a split, without the rows that have a null in one of them, and how
+    many rows those were. A missing split or column, an unreadable file, no rows: one line naming the param."""
+    from envs.hub import read_split, require_text_columns
 
-    try:
-        data = load_split(name, split)
-    except ValueError as e:  # datasets: an unknown split
-        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ValueError(f"env tldr: cannot read split {split!r} of {name} (env.params.{param}): {first}") from None
-    missing = [c for c in needed if c not in data.column_names]
-    if missing:
-        raise ValueError(f"env tldr: {name} (env.params.{param}), split {split}, has columns {data.column_names}; "
-                         f"missing {missing}")
-    return data.select_columns(needed).to_pandas()
+    data = read_split(name, split, env="tldr", param=param)
+    require_text_columns(data, needed, name=name, split=split, env="tldr", param=param)
+    table = data.select_columns(needed).to_pandas()
+    null = table.isna().any(axis=1).to_numpy()
+    if null.all():
+        raise ValueError(f"env tldr: dataset {name} (env.params.{param}), split {split!r}: every one of its "
+                         f"{len(table)} rows has a null {' or '.join(needed)}")
+    return table[~null].reset_index(drop=True), int(null.sum())
 
 
 def _take(candidates: list, n: int, rng: np.random.Generator, fits: Callable[[list], np.ndarray]) -> tuple[list, int]:
@@ -179,28 +188,43 @@ class Tldr:
     # ------------------------------------------------------------------------------ stages
     def build(self, params: TldrParams, seed: int, workdir: Path) -> None:
         """Select train / eval posts and pairs (seeded), dropping posts longer than max_prompt_tokens."""
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from envs.hub import check_context, context_length
 
         tokenizer = AutoTokenizer.from_pretrained(params.tokenizer or params.sft_model)
+        config = AutoConfig.from_pretrained(params.sft_model)
+        vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+        if params.tokenizer and isinstance(vocab, int) and len(tokenizer) > vocab:  # ids past the embeddings
+            raise ValueError(f"env tldr: tokenizer {params.tokenizer} (env.params.tokenizer) has {len(tokenizer)} "
+                             f"tokens, more than the {vocab} of sft_model {params.sft_model}; set env.params.tokenizer "
+                             f"to the model's own tokenizer (\"\" = sft_model's)")
+        prompt_tokens: dict[str, int] = {}  # post → its length as the policy encodes it (BOS where one is added)
 
         def n_tokens(texts: list[str], special: bool) -> np.ndarray:
             return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]])
 
         def short_prompts(rows: list) -> np.ndarray:  # rows are (prompt, ...) tuples
-            return n_tokens([r[0] for r in rows], True) <= params.max_prompt_tokens if rows else np.zeros(0, bool)
+            if not rows:
+                return np.zeros(0, bool)
+            lengths = n_tokens([r[0] for r in rows], True)
+            prompt_tokens.update(zip((r[0] for r in rows), lengths.tolist()))
+            return lengths <= params.max_prompt_tokens
 
         rng = np.random.default_rng([seed, 7])
         stats: dict = {}
         picked = {}
         for split_name, split, n in (("train", params.train_split, params.num_train_prompts),
                                      ("eval", params.eval_split, params.num_eval_prompts)):
-            table = _columns(params.dataset, split, ["prompt", "label"], "dataset")
+            table, nulls = _columns(params.dataset, split, ["prompt", "label"], "dataset")
             rows = list(dict(zip(map(as_prompt, table["prompt"]), map(summary_of, table["label"]))).items())
             kept, examined = _take(rows, n, rng, short_prompts)
             picked[split_name] = kept
-            stats[split_name] = {"split": split, "kept": len(kept), "examined": examined, "dropped_long": examined - len(kept)}
+            stats[split_name] = {"split": split, "kept": len(kept), "examined": examined,
+                                 "dropped_long": examined - len(kept), "dropped_null": nulls}
 
-        table = _columns(params.pairs_dataset, params.pairs_split, ["prompt", "chosen", "rejected"], "pairs_dataset")
+        table, nulls = _columns(params.pairs_dataset, params.pairs_split, ["prompt", "chosen", "rejected"],
+                                "pairs_dataset")
         pairs = [(as_prompt(p), summary_of(c), summary_of(r))
                  for p, c, r in zip(table["prompt"], table["chosen"], table["rejected"])]
         pairs = [row for row in pairs if row[1] != row[2]]  # a tie carries no preference
@@ -214,15 +238,50 @@ class Tldr:
 
         kept_pairs, examined = _take(pairs, params.num_pairs, rng, pair_fits)
         stats["pairs"] = {"split": params.pairs_split, "kept": len(kept_pairs), "examined": examined,
-                          "dropped_long": examined - len(kept_pairs)}
+                          "dropped_long": examined - len(kept_pairs), "dropped_null": nulls}
         for part, s in stats.items():
+            is_pairs = part == "pairs"
+            what, name, param = ("pair", params.pairs_dataset, "pairs_dataset") if is_pairs else \
+                ("post", params.dataset, "dataset")
+            limits = f"max_prompt_tokens={params.max_prompt_tokens}" + \
+                (f" / max_new_tokens={params.max_new_tokens}" if is_pairs else "")
             if s["dropped_long"]:
-                _say(f"{part}: dropped {s['dropped_long']} of {s['examined']} examined "
-                     + ("posts" if part != "pairs" else "pairs") + f" longer than max_prompt_tokens="
-                     f"{params.max_prompt_tokens}" + (f" / max_new_tokens={params.max_new_tokens}" if part == "pairs" else ""))
-        if not picked["eval"]:
-            raise ValueError(f"env tldr: no {params.eval_split} post of {params.dataset} fits max_prompt_tokens="
-                             f"{params.max_prompt_tokens}")
+                _say(f"{part}: dropped {s['dropped_long']} of {s['examined']} examined {what}s longer than {limits}")
+            if s["dropped_null"]:
+                _say(f"{part}: dropped {s['dropped_null']} rows of split {s['split']} with a null cell")
+            if not s["kept"]:
+                raise ValueError(f"env tldr: no {what} of dataset {name} (env.params.{param}), split {s['split']!r}, "
+                                 f"fits {limits} ({s['examined']} examined" + (", ties dropped" if is_pairs else "")
+                                 + "); raise env.params.max_prompt_tokens" + (" or max_new_tokens" if is_pairs else ""))
+
+        # what is kept must fit the policy's positions: a longer sequence is an index error mid-trial
+        context = context_length(config)
+        model_name = f"sft_model {params.sft_model}"
+        kept_prompts = list({p: None for p, *_ in picked["train"] + picked["eval"] + kept_pairs})
+
+        def shorter_posts(limit: int, longest: int) -> str:
+            if limit > params.max_new_tokens:
+                return f"set env.params.max_prompt_tokens <= {limit - params.max_new_tokens} (longer posts are dropped)"
+            return f"lower env.params.max_new_tokens (now {params.max_new_tokens})"
+
+        check_context([prompt_tokens[p] for p in kept_prompts], params.max_new_tokens, context=context, env=self.name,
+                      what="selected posts", model=model_name, extra_name=f"max_new_tokens={params.max_new_tokens}",
+                      fix=shorter_posts)
+        if params.sft_epochs > 0:  # SFT trains on BOS + post + " " + summary + EOS; summaries are not length-filtered
+            bos = len(tokenizer("", add_special_tokens=True)["input_ids"])
+            summary_tokens = n_tokens([" " + s for _, s in picked["train"]], False)
+
+            def shorter_sft_texts(limit: int, longest: int) -> str:
+                room = limit - 1 - int(summary_tokens.max())  # posts this long fit with any summary + EOS
+                if room > bos:
+                    return f"set env.params.max_prompt_tokens <= {room} (longer posts are dropped)"
+                return (f"the longest summary alone is {summary_tokens.max()} tokens: drop such rows from "
+                        f"env.params.dataset")
+
+            texts = [f"{p} {s}" for p, s in picked["train"]]
+            check_context((n_tokens(texts, False) + bos).tolist(), 1, context=context, env=self.name,
+                          what="SFT texts (train post + summary)", model=model_name, extra_name="EOS",
+                          fix=shorter_sft_texts)
 
         # the eval rows last: a post in both splits is judged against its eval reference
         summaries = picked["train"] + picked["eval"]

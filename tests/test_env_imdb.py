@@ -268,7 +268,8 @@ def test_unusable_data_is_one_clear_error(hub, tmp_path):
     empty = write_hub_dataset(tmp_path / "empty", {"train": [("", 0), ("<br />", 1)], "test": [(" ", 0)]})
     with pytest.raises(ValueError) as err:
         env.build(small(hub, dataset=str(empty)), 0, tmp_path / "w1")
-    assert str(err.value) == f"env imdb: dataset {empty} split 'train' has no usable reviews (2 rows, every text empty)"
+    assert str(err.value) == (f"env imdb: dataset {empty} (env.params.dataset), split 'train', has no usable reviews "
+                              "(2 rows, every text empty or null)")
     with pytest.raises(ValueError) as err:
         env.build(small(hub, num_train_prompts=30), 0, tmp_path / "w2")
     assert "fewer than env.params.num_train_prompts = 30" in str(err.value)

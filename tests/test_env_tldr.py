@@ -272,9 +272,9 @@ def test_a_missing_split_or_column_is_one_line_naming_the_param(hub, tmp_path):
     from envs import ENVS
 
     env = ENVS.get("tldr")
-    with pytest.raises(ValueError, match=r"^env tldr: cannot read split 'validation' of .*\(env\.params\.dataset\)"):
+    with pytest.raises(ValueError, match=r"^env tldr: cannot load split 'validation' of .*\(env\.params\.dataset\)"):
         env.build(small(hub, eval_split="validation"), 0, tmp_path)  # the hub repo calls it "valid"
-    with pytest.raises(ValueError, match=r"^env tldr: .*\(env\.params\.pairs_dataset\), split train, has columns "
+    with pytest.raises(ValueError, match=r"^env tldr: .*\(env\.params\.pairs_dataset\), split 'train', has columns "
                                          r"\['prompt', 'label'\]; missing \['chosen', 'rejected'\]"):
         env.build(small(hub, pairs_dataset=hub["dataset"]), 0, tmp_path)
 
