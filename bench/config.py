@@ -2,7 +2,9 @@
 
 Every mistake a user can make in a suite (unknown key, wrong type, out-of-range value, unknown
 algorithm or env, a sweep over a parameter that does not exist) raises `ConfigError` whose message
-names the dotted key; the CLI prints it as one line and exits 2.
+names the dotted key; the CLI prints it as one line and exits 2. Rules that hold for every key:
+a bool is not a number, numbers are finite and integers fit in 64 bits (they end up in numpy,
+torch and parquet), and a suite expands to at most MAX_TRIALS trials.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import re
 import types
 import typing
@@ -28,10 +31,14 @@ from algorithms.reward_model import RewardModelParams
 from envs import ENVS
 
 QUICK_SUITE = Path(__file__).parent / "suites" / "quick.yaml"
+MAX_TRIALS = 10_000  # trials one suite may expand to: a bigger sweep is a typo, not a benchmark Tune can hold
 
 
 class ConfigError(Exception):
     """A user mistake in a suite file or --set; str() is the one line to print."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.splitlines()))  # one line, whatever a key or value held
 
 
 @dataclass
@@ -151,6 +158,13 @@ class SuiteConfig:
     storage_path: str | None = None  # Ray Train/Tune storage (checkpoints): a shared path or s3://...; default OUT/ray
     report: ReportSettings = field(default_factory=ReportSettings)  # what the report measures (prefbench report reads it back)
 
+    def __post_init__(self) -> None:
+        # the default output directory is runs/NAME-TIME: a name must make one file name
+        if not (0 < len(self.name) <= 100 and self.name.isprintable() and "/" not in self.name
+                and "\\" not in self.name and self.name not in (".", "..")):
+            raise ParamError("name", f"must be 1 to 100 printable characters without / or \\ (it names the run's "
+                                     f"directory runs/NAME-TIME), got {_show(self.name)}")
+
 
 @dataclass(frozen=True)
 class TrialSpec:
@@ -183,11 +197,60 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
     if origin is dict or tp is dict:
         return isinstance(value, dict)
+    if origin is not None or not isinstance(tp, type):  # Literal, tuple[...], ...: a plugin's own checks decide
+        return True
     return isinstance(value, tp)
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    plain = typing.get_origin(tp) is None and getattr(tp, "__name__", None)  # list[int] has the __name__ "list"
+    return plain or str(tp).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: its repr, cut to 60 characters (an int of 5,000 digits has none)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = "an integer too large to print"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(key: Any) -> str:
+    """A mapping key for a dotted path: as written when it is a short printable string, else its repr."""
+    return key if isinstance(key, str) and 0 < len(key) <= 60 and key.isprintable() else _show(key)
+
+
+def _check_numbers(value: Any, where: str, finite: bool = True, seen: set[int] | None = None) -> None:
+    """Every integer in `value` fits in 64 bits and (with `finite`) every float is finite: numpy,
+    torch and parquet take them, where a bigger integer is an OverflowError and inf or NaN is silently wrong."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{where}: must fit in a 64-bit integer, got {_show(value)}")
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, (dict, list)):
+        seen = set() if seen is None else seen
+        if id(value) in seen:  # a YAML alias: checked once, so an alias bomb stays linear
+            return
+        seen.add(id(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_numbers(item, f"{where}.{_key(key)}" if isinstance(value, dict) else f"{where}[{key}]", finite, seen)
+
+
+def _build_params(params_cls: type, values: dict) -> Any:
+    """params_from_dict, after checking each value against its field's type (a bool is not a number);
+    a wrong one is a ParamError naming the field, as the params' own checks raise."""
+    try:
+        hints = typing.get_type_hints(params_cls)
+    except (NameError, TypeError):  # a plugin whose annotations do not resolve here: its own checks decide
+        hints = {}
+    for key, value in values.items():
+        if key in hints and not _type_ok(value, hints[key]):
+            raise ParamError(key, f"expected {_type_name(hints[key])}, got {_show(value)}")
+    return params_from_dict(params_cls, values)
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -199,8 +262,9 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
+    plain = []  # (value, path) of the fields that are not sections
     for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
+        path = f"{where}.{_key(key)}" if where else _key(key)
         if key not in known:
             raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(known))})")
         tp = hints[key]
@@ -212,43 +276,55 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
             kwargs[key] = [build_dataclass(typing.get_args(tp)[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             if not _type_ok(value, tp):
-                raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+                raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+            _check_numbers(value, path, finite=False)  # float() below takes any 64-bit integer
             if tp is float or (typing.get_origin(tp) is list and typing.get_args(tp) == (float,)):
                 value = [float(v) for v in value] if isinstance(value, list) else float(value)
             kwargs[key] = value
+            plain.append((value, path))
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except ParamError as e:
-        raise ConfigError(f"{where}.{e.field}: {e.message}" if where else str(e)) from None
+        raise ConfigError(f"{where}.{e.field}: {e.message}" if where else f"{e.field}: {e.message}") from None
+    for value, path in plain:  # after the dataclass's own checks, whose messages name the field's range
+        _check_numbers(value, path)
+    return built
 
 
 def apply_override(raw: dict, assignment: str) -> None:
     """--set a.b.c=value (value parsed as YAML; a numeric part indexes a list)."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment}: expected dotted.key=value")
+        raise ConfigError(f"--set {_key(assignment)}: expected dotted.key=value")
     key, text = assignment.split("=", 1)
     try:
         value = _parse_value(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date like 2024-13-01, an int of 5,000 digits
+        raise ConfigError(f"--set {_key(key)}: cannot parse value {_show(text)}") from None
+    except ConfigError as e:  # a repeated key
+        raise ConfigError(f"--set {_key(key)}: {e}") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: no list item {part!r} at {'.'.join(parts[:i])}")
+            if not _is_index(part, node):
+                raise ConfigError(f"--set {_key(key)}: no list item {_show(part)} at {_key('.'.join(parts[:i]))}")
             node = node[int(part)]
         else:
             node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {_key(key)}: {_key('.'.join(parts[: i + 1]))} is not a mapping or a list")
     last = parts[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {key}: no list item {last!r}")
+        if not _is_index(last, node):
+            raise ConfigError(f"--set {_key(key)}: no list item {_show(last)}")
         node[int(last)] = value
     else:
         node[last] = value
+
+
+def _is_index(part: str, items: list) -> bool:
+    """`part` is an index of `items` written in ASCII digits (int() would also take '٣', isdigit() '²')."""
+    return part.isascii() and part.isdigit() and int(part) < len(items)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -258,6 +334,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # a list or mapping as a key: SafeLoader says so, with its line
+                continue
             if key in seen:
                 raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
@@ -283,11 +361,17 @@ def load_suite(path: str | Path | None = None, overrides: list[str] | None = Non
     if not path.is_file():
         raise ConfigError(f"suite file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        raw = yaml.load(path.read_bytes(), Loader=_UniqueKeyLoader)  # bytes: YAML reads the encoding, rejects binary
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except ValueError as e:  # a value YAML matched but cannot build: a date like 2024-13-01, an int of 5,000 digits
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e).split(': ')[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -305,6 +389,8 @@ def validate(suite: SuiteConfig) -> None:
         raise ConfigError("seeds: must list at least one seed")
     if len(set(suite.seeds)) != len(suite.seeds):
         raise ConfigError("seeds: must not repeat")
+    if min(suite.seeds) < 0:
+        raise ConfigError(f"seeds: must be integers >= 0 (they seed numpy), got {min(suite.seeds)}")
     if not suite.algorithms:
         raise ConfigError("algorithms: must list at least one algorithm")
     try:
@@ -312,9 +398,9 @@ def validate(suite: SuiteConfig) -> None:
     except KeyError as e:
         raise ConfigError(f"env.name: {e.args[0]}") from None
     try:
-        params = params_from_dict(env.params_cls, suite.env.params)
+        params = _build_params(env.params_cls, suite.env.params)
     except ParamError as e:
-        raise ConfigError(f"env.params.{e.field}: {e.message}") from None
+        raise ConfigError(f"env.params.{_key(e.field)}: {e.message}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"env.params: {suite.env.name}: {first_line(e)}") from None
     if suite.train.batch_size % suite.scaling.num_workers:
@@ -343,7 +429,7 @@ def sweep_points(spec: AlgorithmSpec, where: str) -> list[tuple]:
     floats are rounded to 4 significant digits so trial ids stay readable.
     """
     if spec.search not in ("grid", "random"):
-        raise ConfigError(f"{where}.search: must be 'grid' or 'random', got {spec.search!r}")
+        raise ConfigError(f"{where}.search: must be 'grid' or 'random', got {_show(spec.search)}")
     if spec.num_samples < 1:
         raise ConfigError(f"{where}.num_samples: must be >= 1")
     keys = list(spec.sweep)
@@ -353,13 +439,22 @@ def sweep_points(spec: AlgorithmSpec, where: str) -> list[tuple]:
         for key in keys:
             values = spec.sweep[key]
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values (distributions need "
-                                  "search: random)")
+                raise ConfigError(f"{where}.sweep.{_key(key)}: expected a non-empty list of values (distributions "
+                                  "need search: random)")
+        size = math.prod(len(spec.sweep[k]) for k in keys)
+        if size > MAX_TRIALS:
+            raise ConfigError(f"{where}.sweep: {size} grid points; a suite runs at most {MAX_TRIALS} trials")
         return list(itertools.product(*(spec.sweep[k] for k in keys)))
-    rng = np.random.default_rng(zlib.crc32(json.dumps([spec.name, spec.sweep], sort_keys=True).encode()))
+    if spec.num_samples > MAX_TRIALS:
+        raise ConfigError(f"{where}.num_samples: must be <= {MAX_TRIALS} (a suite runs at most {MAX_TRIALS} trials)")
+    try:
+        text = json.dumps([spec.name, spec.sweep], sort_keys=True, default=str)
+    except TypeError:  # sort_keys meets a mapping whose keys mix types
+        raise ConfigError(f"{where}.sweep: values must be numbers, strings, lists or mappings with string keys") from None
+    rng = np.random.default_rng(zlib.crc32(text.encode()))
     points: list[tuple] = []
     for _ in range(spec.num_samples):
-        point = tuple(_draw(spec.sweep[k], rng, f"{where}.sweep.{k}") for k in keys)
+        point = tuple(_draw(spec.sweep[k], rng, f"{where}.sweep.{_key(k)}") for k in keys)
         if point not in points:
             points.append(point)
     return points
@@ -371,15 +466,23 @@ def _draw(dist: Any, rng, where: str) -> Any:
     if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS):
         raise ConfigError(f"{where}: expected a non-empty list or one of {{{'|'.join(DISTRIBUTIONS)}: [lo, hi]}}")
     kind, bounds = next(iter(dist.items()))
+    number = int if kind == "randint" else (int, float)
     ok = (isinstance(bounds, list) and len(bounds) == 2
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds) and bounds[0] <= bounds[1])
+          and all(isinstance(b, number) and not isinstance(b, bool) for b in bounds) and bounds[0] <= bounds[1])
     if not ok or (kind == "loguniform" and bounds[0] <= 0):
-        raise ConfigError(f"{where}.{kind}: expected [lo, hi] with lo <= hi" + (" and lo > 0" if kind == "loguniform" else ""))
+        raise ConfigError(f"{where}.{kind}: expected [lo, hi] with lo <= hi" + (" and lo > 0" if kind == "loguniform" else "")
+                          + (" (integers)" if kind == "randint" else ""))
     lo, hi = bounds
-    if kind == "randint":
-        return int(rng.integers(int(lo), int(hi) + 1))
-    x = rng.uniform(lo, hi) if kind == "uniform" else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    return float(f"{x:.4g}")
+    try:
+        if kind == "randint":
+            return int(rng.integers(lo, hi + 1))
+        x = rng.uniform(lo, hi) if kind == "uniform" else float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    except (ValueError, OverflowError):  # beyond numpy's int64 or float64 range
+        x = math.inf
+    x = float(f"{x:.4g}")
+    if not math.isfinite(x):
+        raise ConfigError(f"{where}.{kind}: [lo, hi] is too wide to draw from (int64 / float64)")
+    return x
 
 
 def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
@@ -397,23 +500,33 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
         train = build_dataclass(TrainSettings, {**dataclasses.asdict(suite.train), **spec.train}, f"{where}.train")
         if train.batch_size % suite.scaling.num_workers:
             raise ConfigError(f"{where}.train.batch_size: must be divisible by scaling.num_workers")
+        known = {f.name for f in dataclasses.fields(algo.params_cls)}
+        for section in ("params", "sweep"):
+            for key in getattr(spec, section):
+                if key not in known:
+                    raise ConfigError(f"{where}.{section}.{_key(key)}: unknown parameter "
+                                      f"(known: {', '.join(sorted(known)) or f'none, {spec.name} has no parameters'})")
         keys = list(spec.sweep)
-        for point in sweep_points(spec, where):
+        points = sweep_points(spec, where)
+        if len(trials) + len(points) * len(suite.seeds) > MAX_TRIALS:
+            raise ConfigError(f"{where}: {len(points)} sweep points x {len(suite.seeds)} seeds make the suite more "
+                              f"than {MAX_TRIALS} trials")
+        for point in points:
             values = {**spec.params, **dict(zip(keys, point))}
             try:
-                params = params_from_dict(algo.params_cls, values)
+                params = _build_params(algo.params_cls, values)
             except ParamError as e:
                 section = "sweep" if e.field in spec.sweep else "params"
-                raise ConfigError(f"{where}.{section}.{e.field}: {e.message}") from None
+                raise ConfigError(f"{where}.{section}.{_key(e.field)}: {e.message}") from None
             except (TypeError, ValueError) as e:  # a plugin's own check that is not a ParamError
                 raise ConfigError(f"{where}.params: {spec.name}: {first_line(e)}") from None
             params_dict = dataclasses.asdict(params)
             knob = spec.knob or algo.knob
             if knob is not None and knob not in params_dict:
-                raise ConfigError(f"{where}.knob: {spec.name} has no parameter {knob!r}")
+                raise ConfigError(f"{where}.knob: {spec.name} has no parameter {_show(knob)}")
             knob_value = params_dict.get(knob) if knob else None
-            if knob_value is not None and not isinstance(knob_value, (int, float)):
-                raise ConfigError(f"{where}.knob: {knob} must be a number to be a frontier knob, got {knob_value!r}")
+            if knob_value is not None and (isinstance(knob_value, bool) or not isinstance(knob_value, (int, float))):
+                raise ConfigError(f"{where}.knob: {knob} must be a number to be a frontier knob, got {_show(knob_value)}")
             for seed in suite.seeds:
                 label = ",".join(f"{k}={v}" for k, v in zip(keys, point))
                 trial_id = f"{spec.name}-" + (f"{label}-" if label else "") + f"seed{seed}"

@@ -108,7 +108,7 @@ def judge_spec(raw) -> RewardModelJudgeSpec | OpenAIJudgeSpec:
     if not isinstance(raw, dict):
         raise ParamError("judge", f"expected a mapping with a kind ({', '.join(sorted(KINDS))}), got {raw!r}")
     kind = raw.get("kind", "reward_model")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ParamError("judge.kind", f"unknown judge kind {kind!r} (known: {', '.join(sorted(KINDS))})")
     cls = KINDS[kind]
     hints = typing.get_type_hints(cls)
