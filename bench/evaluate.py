@@ -45,19 +45,28 @@ def win_indicator(gold: np.ndarray, reference_gold: np.ndarray) -> np.ndarray:
     return np.where(gold > reference_gold, 1.0, np.where(gold == reference_gold, 0.5, 0.0))
 
 
+def exact_mean(values: np.ndarray) -> float:
+    """The mean through `math.fsum` (the correctly rounded sum): the same bits whatever the memory
+    alignment of the array. numpy's SIMD pairwise sum is not: the same values in another process can
+    differ in the last bit, and a run would not reproduce itself exactly."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return math.fsum(values.tolist()) / values.size if values.size else float("nan")
+
+
 def clustered_mean_se(values: np.ndarray, cluster: np.ndarray) -> tuple[float, float]:
     """Mean of `values` and its standard error with samples clustered (e.g. by prompt)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return float("nan"), float("nan")
     _, inverse = np.unique(cluster, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
+    sums = np.bincount(inverse, weights=values)  # a sequential loop: deterministic
     counts = np.bincount(inverse)
     means = sums / counts
-    mean = float(values.mean())
+    mean = exact_mean(values)
     if len(means) < 2:
         return mean, float("nan")
-    return mean, float(means.std(ddof=1) / math.sqrt(len(means)))
+    spread = exact_mean((means - exact_mean(means)) ** 2) * len(means) / (len(means) - 1)  # ddof = 1
+    return mean, math.sqrt(spread) / math.sqrt(len(means))
 
 
 @torch.no_grad()
@@ -218,12 +227,13 @@ def summarize(stats: dict[str, np.ndarray], *, temperature: float) -> dict:
         "kl_kind": "none",
         "win_rate": win,
         "win_rate_se": win_se,
-        "gen_len": float(stats["length"].mean()) if len(prompt) else float("nan"),
+        "gen_len": exact_mean(stats["length"]) if len(prompt) else float("nan"),
         "n_prompts": int(len(np.unique(prompt))),
         "n_samples": int(stats["n_drawn"].sum()) if "n_drawn" in stats else int(len(prompt)),
     }
     if len(prompt) and not np.isnan(stats["analytic_kl"]).all():
-        row.update(kl=float(np.nanmean(stats["analytic_kl"])), kl_se=0.0, kl_kind="analytic")
+        kl = stats["analytic_kl"]
+        row.update(kl=exact_mean(kl[~np.isnan(kl)]), kl_se=0.0, kl_kind="analytic")
     elif len(prompt) and not np.isnan(stats["k1"]).any():
         row["kl"], row["kl_se"] = clustered_mean_se(stats["k1"], prompt)
         row["kl_k3"], row["kl_k3_se"] = clustered_mean_se(stats["k3"], prompt)

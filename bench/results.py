@@ -88,7 +88,8 @@ def _read_rows(path: Path) -> pd.DataFrame:
             json.loads(lines[-1])
         except ValueError:
             lines = lines[:-1]
-    return pd.read_json(io.StringIO("\n".join(lines)), lines=True) if lines else pd.DataFrame()
+    # precise_float: pandas' default float parser is off in the last bit for most values
+    return pd.read_json(io.StringIO("\n".join(lines)), lines=True, precise_float=True) if lines else pd.DataFrame()
 
 
 def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -217,6 +217,32 @@ def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
         raise UserError(f"{where} produced no preference pairs; check env.params (e.g. min_gold_gap)")
     if "prompts" in needs and not data.train_prompts:
         raise UserError(f"{where} has no train prompts; check env.params")
+    prompts = data.eval_prompts[: suite.eval.num_prompts] + (data.train_prompts if "prompts" in needs else [])
+    problem = context_problem(workdir / "sft", prompts, suite.eval.max_new_tokens)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+
+
+def context_problem(model_dir: Path, prompts: list[str], max_new_tokens: int) -> str | None:
+    """Why prompts + `max_new_tokens` sampled tokens would not fit the policy's context (absolute
+    position embeddings fail with an index error mid-trial), or None. Reads only the config and the
+    tokenizer; a policy without a `config.json` there (a GGUF file: smol-sentiment) is not checked."""
+    if not (model_dir / "config.json").is_file() or not prompts:
+        return None
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not context:
+        return None
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(model_dir)(prompts, add_special_tokens=True)["input_ids"]]
+    longest = max(lengths)
+    if longest + max_new_tokens <= context:
+        return None
+    too_long = sum(n + max_new_tokens > context for n in lengths)
+    return (f"{too_long} of {len(prompts)} prompts (eval, and train for algorithms that sample them) do not fit the "
+            f"policy's context of {context} tokens with eval.max_new_tokens={max_new_tokens}: the longest is "
+            f"{longest} tokens; set eval.max_new_tokens <= {context - longest}")
 
 
 def plan(suite_path: str | None, overrides: list[str], address: str | None = None) -> str:

@@ -33,7 +33,7 @@ from envs import ENVS
 from envs.base import GoldRewardError, gold_fn, load_env_data
 
 Report = Callable[..., None]  # report(metrics, checkpoint=None): checkpoint is a local directory to persist
-REFERENCE_EVAL_FORMAT = 2  # part of the cache key of reference evaluations: bump when the evaluator changes
+REFERENCE_EVAL_FORMAT = 3  # part of the cache key of reference evaluations: bump when the evaluator changes
 
 
 def _quiet() -> None:

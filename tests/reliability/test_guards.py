@@ -216,3 +216,17 @@ def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path
     assert main(["run", "--out", str(tmp_path / "early")]) == 130
     assert capsys.readouterr().err.strip() == "prefbench: interrupted before the run started; nothing was written"
     assert not (tmp_path / "early").exists()
+
+
+def test_prompts_plus_sampled_tokens_must_fit_the_policy_context(tiny_env_dir):
+    """eval.max_new_tokens beyond the policy's positions would crash every trial mid-run (GPT-2's
+    position embeddings): one line before the sweep instead."""
+    from bench.run import context_problem
+
+    prompts = ["the movie was", "i loved the acting and the plot of the"]
+    assert context_problem(tiny_env_dir / "init", prompts, 24) is None
+    assert context_problem(tiny_env_dir / "no-such-model", prompts, 10_000) is None  # e.g. a GGUF policy
+    problem = context_problem(tiny_env_dir / "init", prompts, 120)
+    assert problem == ("1 of 2 prompts (eval, and train for algorithms that sample them) do not fit the policy's "
+                       "context of 128 tokens with eval.max_new_tokens=120: the longest is 10 tokens; "
+                       "set eval.max_new_tokens <= 118")
