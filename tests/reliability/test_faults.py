@@ -1,5 +1,5 @@
 """Fault injection through real `prefbench run`s (Ray Train + Tune + DeepSpeed), each asserting what
-survived: a killed worker, a killed driver, SIGINT, a NaN loss, a trial whose worker keeps dying, a
+survived: a killed worker, SIGINT, a killed driver, a NaN loss, a trial whose worker keeps dying, a
 corrupt cache entry. `PREFBENCH_FAULTS` (bench/worker.py) places the faults at known steps."""
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def _rows(out, trials):
     return evals[evals["trial_id"].isin(trials)].sort_values(KEY).reset_index(drop=True)
 
 
-def _start(out, sets, cache, faults):
+def _start(out, sets, cache, faults, extra=()):
     env = {**os.environ, "PREFBENCH_CACHE": str(cache), "PREFBENCH_FAULTS": faults}
-    return subprocess.Popen(cli_args(out, sets), stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    return subprocess.Popen(cli_args(out, sets, extra=extra), stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
 
 
 def _read_until(proc, marker: str) -> str:
@@ -40,95 +41,84 @@ def _read_until(proc, marker: str) -> str:
     raise AssertionError(f"the run ended before {marker!r}:\n" + "".join(events)[-3000:])
 
 
-@pytest.mark.slow
-def test_killed_worker_and_killed_run_resume_from_checkpoints(run_dir, tmp_path):
-    """A Train worker killed mid-trial is restarted from the trial's checkpoint (FailureConfig);
-    the whole run killed mid-sweep (driver and every Ray process, SIGKILL) continues with --resume:
-    every trial once, finished ones not rerun, the interrupted one from its checkpoint, with the
-    uninterrupted run's losses."""
-    _, _, cache = run_dir
-    out = tmp_path / "out"
-    sets = [DPO_SWEEP, "scaling.max_concurrent_trials=1"]
-    # right after their step-6 checkpoints: beta 0.5's worker dies, beta 2.0's hangs (and we kill the run)
-    proc = _start(out, sets, cache, "dpo-beta=0.5-seed0@6:kill,dpo-beta=2.0-seed0@6:hang")
-    try:
-        text = _read_until(proc, "dpo-beta=2.0-seed0 eval  step 6/12")
-    finally:
-        for pid in session_pids(proc.pid):  # the driver and every Ray process it started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=60)
-    assert "dpo-beta=0.5-seed0 resumed from its checkpoint at step 6" in text, text[-3000:]
-    assert "done  dpo-beta=0.5-seed0" in text
-    finished = {t: (out / "trials" / t / "summary.json").stat().st_mtime_ns for t in ("sft-seed0", "dpo-beta=0.5-seed0")}
-    assert not (out / "trials" / "dpo-beta=2.0-seed0" / "summary.json").exists()
-    assert not (out / "trials.parquet").exists()
+def _kill_session(proc) -> None:
+    """SIGKILL the run's driver and every Ray process it started (its session)."""
+    for pid in session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
 
-    again = run_cli(out, sets, cache=cache, timeout=900, extra=["--resume"])
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "2 of 3 trials finished, 1 to run" in again.stderr
-    assert "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in again.stderr
-    assert "start sft-seed0" not in again.stderr and "start dpo-beta=0.5-seed0" not in again.stderr
-    for trial, mtime in finished.items():  # finished trials were neither rerun nor rewritten
-        assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
 
-    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
-    assert sorted(trials.index) == ["dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "sft-seed0"]
-    assert (trials["status"] == "ok").all(), trials["reason"]
-    assert trials.loc["dpo-beta=0.5-seed0", "resumed_from"] == 6 and trials.loc["dpo-beta=2.0-seed0", "resumed_from"] == 6
-    evals = pd.read_parquet(out / "evals.parquet")
-    assert not evals.duplicated(KEY).any()
-    base = pd.read_parquet(run_dir[0] / "evals.parquet")
-    for trial in ("dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"):
-        # restored weights, optimizer and schedule: the uninterrupted run's losses and final metrics
-        # (up to float noise: one trial at a time runs 2 torch threads, the e2e run 1; a reset Adam
-        # state or schedule would differ by > 1e-3 from the first step after the checkpoint)
-        assert dpo_log(out, trial)[0] == pytest.approx(dpo_log(run_dir[0], trial)[0], abs=1e-4)
-        mine = evals[evals["trial_id"] == trial].sort_values(["step", "temperature"])
-        theirs = base[base["trial_id"] == trial].sort_values(["step", "temperature"])
-        assert mine["step"].tolist() == theirs["step"].tolist() == [0, 6, 12, 12, 12, 12, 12]
-        assert mine["gold_reward"].tolist() == pytest.approx(theirs["gold_reward"].tolist(), abs=0.01)
+def _no_process_left(proc) -> bool:
+    deadline = time.time() + 30
+    while session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(1)
+    return session_pids(proc.pid) == []
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_and_resume_gives_the_same_numbers_bit_for_bit(run_dir, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group) mid-sweep: one line, exit 130, Ray gone, no results
-    written; --resume finishes it. Every metric and loss then equals the e2e run's own trials exactly:
-    the same suite and seed on CPU give identical numbers, a trial resumed from its checkpoint included."""
+def test_killed_worker_sigint_and_killed_driver_then_resume_gives_the_same_numbers_bit_for_bit(run_dir, tmp_path):
+    """Three stops of one 3-trial run (SFT, DPO beta 0.5 and 2.0; two trials at a time, as in the e2e run):
+    1. beta 0.5's Train worker is SIGKILLed after its step-6 checkpoint: Ray Train restarts it from
+       there (FailureConfig) and the trial finishes; beta 2.0 stops at its step-6 checkpoint, and
+       Ctrl-C (SIGINT to the whole process group) stops the run: one line, exit 130, Ray gone, no
+       results written;
+    2. `--resume` continues beta 2.0 from its checkpoint, and the driver and every Ray process are
+       SIGKILLed right then;
+    3. `--resume` again finishes it. Finished trials are never rerun, and every metric, loss and grad
+       norm equals the uninterrupted e2e run's own trials exactly: the same suite and seed on CPU
+       give identical numbers, through a worker restart and two resumes."""
     _, _, cache = run_dir
     out = tmp_path / "out"
-    proc = _start(out, [DPO_SWEEP], cache, "dpo-beta=2.0-seed0@6:hang")  # a known point to interrupt at
+    proc = _start(out, [DPO_SWEEP], cache, "dpo-beta=0.5-seed0@6:kill,dpo-beta=2.0-seed0@6:hang")
     try:
-        _read_until(proc, "dpo-beta=2.0-seed0 eval  step 6/12")
+        text = ""
+        while not ("done  dpo-beta=0.5-seed0" in text and "dpo-beta=2.0-seed0 eval  step 6/12" in text):
+            line = proc.stderr.readline()
+            assert line, "the run ended early:\n" + text[-3000:]
+            text += line
         os.killpg(proc.pid, signal.SIGINT)
         rest = proc.stderr.read()
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc)
+    assert "dpo-beta=0.5-seed0 resumed from its checkpoint at step 6" in text, text[-3000:]  # the worker restart
     errors = [line for line in rest.splitlines() if line.startswith("prefbench:")]
     assert rc == 130, rest[-3000:]
-    assert len(errors) == 1 and errors[0].startswith("prefbench: interrupted: ") and "--resume" in errors[0], rest[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("prefbench: interrupted: 2 of 3 trials finished") \
+        and errors[0].endswith("--resume"), rest[-3000:]
     assert "Traceback" not in rest
     for name in ("evals.parquet", "trials.parquet", "report.md"):
         assert not (out / name).exists(), name
     assert (out / "config.yaml").is_file()
-    deadline = time.time() + 30
-    while session_pids(proc.pid) and time.time() < deadline:  # Ray shut down with the driver
-        time.sleep(1)
-    assert session_pids(proc.pid) == []
+    assert _no_process_left(proc)  # Ray shut down with the driver
+    finished = {t: (out / "trials" / t / "summary.json").stat().st_mtime_ns for t in ("sft-seed0", "dpo-beta=0.5-seed0")}
+
+    proc = _start(out, [DPO_SWEEP], cache, "", extra=["--resume"])
+    try:
+        text = _read_until(proc, "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6")
+    finally:
+        _kill_session(proc)  # the driver killed mid-trial
+    assert "2 of 3 trials finished, 1 to run" in text
+    assert not (out / "trials" / "dpo-beta=2.0-seed0" / "summary.json").exists()
 
     again = run_cli(out, [DPO_SWEEP], cache=cache, timeout=900, extra=["--resume"])
     assert again.returncode == 0, again.stderr[-4000:]
     assert "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in again.stderr
-    trials = ["sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"]
-    assert (pd.read_parquet(out / "trials.parquet")["status"] == "ok").all()
-    mine, theirs = _rows(out, trials), _rows(run_dir[0], trials)
+    assert "start sft-seed0" not in again.stderr and "start dpo-beta=0.5-seed0" not in again.stderr
+    for trial, mtime in finished.items():  # finished trials were neither rerun nor rewritten
+        assert (out / "trials" / trial / "summary.json").stat().st_mtime_ns == mtime
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert (trials["status"] == "ok").all(), trials["reason"]
+    assert trials.loc["dpo-beta=0.5-seed0", "resumed_from"] == 6 and trials.loc["dpo-beta=2.0-seed0", "resumed_from"] == 6
+    ids = ["sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0"]
+    mine, theirs = _rows(out, ids), _rows(run_dir[0], ids)
     assert len(mine) == len(theirs) == 5 + 7 + 7 and mine[KEY].equals(theirs[KEY])
     pd.testing.assert_frame_equal(mine[METRICS], theirs[METRICS], check_exact=True)
-    for trial in trials[1:]:
+    for trial in ids[1:]:
         assert dpo_log(out, trial) == dpo_log(run_dir[0], trial)
 
 
