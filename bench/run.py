@@ -231,10 +231,12 @@ def context_problem(model_dir: Path, prompts: list[str], max_new_tokens: int) ->
         return None
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_dir)
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if not context:
+    from envs.hub import context_length
+
+    found = context_length(AutoConfig.from_pretrained(model_dir))
+    if found is None:
         return None
+    context = found[0]
     lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(model_dir)(prompts, add_special_tokens=True)["input_ids"]]
     longest = max(lengths)
     if longest + max_new_tokens <= context:
