@@ -106,8 +106,11 @@ def _root_cause(e: BaseException) -> BaseException:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    """`TypeName: first line` of an error (algorithms.registry.first_line), the name alone when it has no text."""
+    from algorithms.registry import first_line
+
+    line = first_line(e, 200)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _bad_file(name: str, config: str | None, split: str) -> str | None:
