@@ -11,12 +11,13 @@ import pandas as pd
 import torch
 
 from algorithms.interface import TrainContext
-from algorithms.policy import Policy
+from algorithms.policy import Policy, ended_flags
 
 
 @dataclass
 class EncodedPairs:
-    """Token ids of every pair: prompts with special tokens, completions + EOS (Policy's convention)."""
+    """Token ids of every pair: prompts with special tokens, completions + EOS where they ended
+    (Policy's convention; the pairs' `chosen_ended` / `rejected_ended` columns, all ended without them)."""
 
     prompt_ids: list[list[int]]
     chosen_ids: list[list[int]]
@@ -28,8 +29,8 @@ class EncodedPairs:
             raise ValueError(f"{algorithm} needs preference pairs; the env produced none")
         return cls(
             prompt_ids=policy.encode_prompts(pairs["prompt"].tolist()),
-            chosen_ids=policy.encode_completions(pairs["chosen"].tolist()),
-            rejected_ids=policy.encode_completions(pairs["rejected"].tolist()),
+            chosen_ids=policy.encode_completions(pairs["chosen"].tolist(), ended=ended_flags(pairs, "chosen")),
+            rejected_ids=policy.encode_completions(pairs["rejected"].tolist(), ended=ended_flags(pairs, "rejected")),
         )
 
     def __len__(self) -> int:
@@ -41,7 +42,7 @@ class EncodedPairs:
         return prompts * 2, [self.chosen_ids[i] for i in idx] + [self.rejected_ids[i] for i in idx]
 
     def completion_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens per chosen / rejected completion (EOS included, so never 0), each (N,)."""
+        """Tokens per chosen / rejected completion (EOS included where it ended), each (N,)."""
         return (torch.tensor([len(c) for c in self.chosen_ids], dtype=torch.float32),
                 torch.tensor([len(c) for c in self.rejected_ids], dtype=torch.float32))
 

@@ -4,8 +4,12 @@ Every algorithm trains a `Policy` against a frozen reference `Policy`, and the o
 (bench.evaluate) measures any `Sampler`. Conventions, used everywhere in prefbench:
 
 - A *prompt* is encoded with the tokenizer's special tokens (a BOS where the tokenizer adds one);
-  a *completion* is encoded without them and ends with EOS when the model stopped on its own.
-  Text completions given to `encode` get an EOS appended (TRL's convention for pairs).
+  a *completion* is encoded without them and ends with EOS exactly when the model stopped on its
+  own. A sample that hit `max_new_tokens` has no EOS, and none is added when it is re-encoded:
+  `Rollout.ended` says which samples ended, and it travels with them (pairs carry `chosen_ended` /
+  `rejected_ended`, references `ended`) so that no algorithm and no reward model learns from a token
+  the policy never sampled. Text without such a flag (human-written pairs) is taken as complete:
+  EOS appended, TRL's convention for pairs.
 - Completion text is the decoded sampled tokens as they are, leading space included where a
   sub-word tokenizer put one (" like", as TRL's pairs write it): prompt + completion is the text,
   and encoding a sampled completion gives back the sampled ids. (Stripping it made byte-level BPE
@@ -15,8 +19,15 @@ Every algorithm trains a `Policy` against a frozen reference `Policy`, and the o
   sampling at T draws from: softmax(logits / T). Temperature 0 means greedy decoding; it has no
   log-probs.
 - Generation is batched (left padding) with the KV cache, seeded, and draws from the full
-  distribution: no top-k, no top-p, no repetition penalty, whatever the model's own
-  generation_config says. That is what makes sampled log-probs and KL estimates honest.
+  distribution softmax(logits / T): no top-k, top-p, min-p, typical or η/ε cutoffs, no repetition
+  penalty, no n-gram ban, no minimum length, whatever the model's own generation_config says
+  (transformers fills every field a generation config leaves unset from `model.generation_config`;
+  `clean_generation_config` sets every one). That is what makes sampled log-probs and KL estimates
+  honest.
+- Dropout is off in every model a Policy or ScalarModel holds (`disable_dropout`, applied when one
+  is made): trained policies, critics and reward models are scored in train mode exactly as the
+  reference is in eval mode, as TRL and the DPO paper's code do. A DPO loss at the reference is
+  then exactly log 2 whatever the model's config says about dropout.
 """
 
 from __future__ import annotations
@@ -39,8 +50,9 @@ class Rollout:
     prompt_index: np.ndarray  # (N,) index of the sample's prompt in the input list
     completions: list[str]  # (N,) decoded completion text, special tokens removed, NOT stripped (a leading space stays)
     prompt_ids: list[list[int]]  # (N, variable) prompt tokens, no padding
-    completion_ids: list[list[int]]  # (N, variable) sampled tokens up to and including EOS
+    completion_ids: list[list[int]]  # (N, variable) sampled tokens, up to and including EOS where the sample ended
     temperature: float
+    ended: np.ndarray  # (N,) bool: the sample stopped on EOS (False: it hit max_new_tokens, no EOS)
     # extra per-sample columns a sampler may attach (e.g. a reward used to rerank)
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -65,6 +77,26 @@ class Sampler(Protocol):
         max_new_tokens: int = 32,
         seed: int = 0,
     ) -> Rollout: ...
+
+
+def encode_completions(
+    tokenizer, completions: Sequence[str], *, add_eos: bool = True, ended: Sequence[bool] | None = None
+) -> list[list[int]]:
+    """Completion texts as ids without special tokens, + EOS where `ended` (all, when None) and `add_eos`.
+    The one encoding of completions: the policy's (`Policy.encode_completions`) and the reward model's."""
+    ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    if ended is None:
+        ended = [True] * len(ids)
+    elif len(ended) != len(ids):
+        raise ValueError(f"{len(ids)} completions but {len(ended)} ended flags")
+    eos = tokenizer.eos_token_id
+    return [list(x) + [eos] if add_eos and bool(e) else list(x) for x, e in zip(ids, ended)]
+
+
+def ended_flags(frame, column: str) -> list[bool] | None:
+    """The `<column>_ended` flags of a pairs/references frame (None when the frame has none: complete texts)."""
+    name = f"{column}_ended" if column else "ended"
+    return [bool(x) for x in frame[name].tolist()] if name in frame.columns else None
 
 
 def right_padded(
@@ -95,6 +127,49 @@ def completion_span(
     return torch.gather(values, 1, idx) * mask, mask
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off every dropout of `model`, in train mode too: each `nn.Dropout`'s p and every float
+    attribute named like a dropout rate that modules read at forward time (attention dropout in
+    sdpa/eager attention, e.g. Llama's `attention_dropout`). The config is left as it is."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
+    return model
+
+
+# Every field of a transformers GenerationConfig that changes which token is drawn, at the value
+# that leaves softmax(logits / T) untouched. Set explicitly: a field left unset is filled from the
+# model's own generation_config (a repetition_penalty of 2.0 there would bias every sample).
+NEUTRAL_WARPERS = {"top_k": 0, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+NEUTRAL_PROCESSORS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": None,
+    "watermarking_config": None, "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "length_penalty": 1.0, "dola_layers": None, "penalty_alpha": None, "prompt_lookup_num_tokens": None,
+}
+
+
+@contextlib.contextmanager
+def clean_generation_config(model: torch.nn.Module):
+    """`model.generation_config` replaced by a fresh default one for the duration, so that nothing
+    of the checkpoint's own generation settings (repetition penalty, min_p, n-gram bans, minimum
+    lengths, ...) reaches a `generate` call; restored afterwards."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class Policy:
     """A causal LM + tokenizer with generation and teacher-forced log-probs.
 
@@ -112,7 +187,7 @@ class Policy:
             raise ValueError("Policy needs a tokenizer with an EOS token")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.model = model
+        self.model = disable_dropout(model) if model is not None else None
         self.tokenizer = tokenizer
         self.engine = None  # a deepspeed.DeepSpeedEngine wrapping `model`, set by bench
         self.gathered = contextlib.nullcontext  # () -> context with every parameter whole (ZeRO-3: set by bench)
@@ -154,10 +229,12 @@ class Policy:
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
 
-    def encode_completions(self, completions: Sequence[str], *, add_eos: bool = True) -> list[list[int]]:
-        ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        return [list(x) + [eos] if add_eos else list(x) for x in ids]
+    def encode_completions(
+        self, completions: Sequence[str], *, add_eos: bool = True, ended: Sequence[bool] | None = None
+    ) -> list[list[int]]:
+        """Completion texts as token ids (no special tokens), EOS appended where the completion ended:
+        `ended` per completion (a sample that hit max_new_tokens: False), all ended when None."""
+        return encode_completions(self.tokenizer, completions, add_eos=add_eos, ended=ended)
 
     # ------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -184,6 +261,7 @@ class Policy:
         flat_prompts = [p for p in prompts for _ in range(n)]
         index = np.repeat(np.arange(len(prompts)), n)
         completion_ids: list[list[int]] = []
+        ended: list[bool] = []
         sample_logps: list[float] = []
         was_training = self.model.training
         self.model.eval()
@@ -192,8 +270,9 @@ class Policy:
                 torch.manual_seed(seed)
                 for start in range(0, len(flat_prompt_ids), batch_size):
                     batch = flat_prompt_ids[start : start + batch_size]
-                    ids, logps = self._generate_batch(batch, temperature, max_new_tokens, return_logps)
+                    ids, stopped, logps = self._generate_batch(batch, temperature, max_new_tokens, return_logps)
                     completion_ids.extend(ids)
+                    ended.extend(stopped)
                     sample_logps.extend(logps)
         finally:
             self.model.train(was_training)
@@ -205,6 +284,7 @@ class Policy:
             prompt_ids=flat_prompt_ids,
             completion_ids=completion_ids,
             temperature=float(temperature),
+            ended=np.asarray(ended, dtype=bool),
             extras={"sample_logps": np.asarray(sample_logps)} if return_logps else {},
         )
 
@@ -224,26 +304,28 @@ class Policy:
         )
         sample = temperature > 0
         config = GenerationConfig(
+            **NEUTRAL_PROCESSORS,
+            **(NEUTRAL_WARPERS if sample else {}),  # sampling-only fields (greedy would warn about them)
             max_new_tokens=max_new_tokens,
             do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=0 if sample else None,
-            top_p=1.0 if sample else None,
-            num_beams=1,
+            temperature=temperature if sample else 1.0,
             eos_token_id=tok.eos_token_id,
             pad_token_id=pad,
             use_cache=True,
             return_dict_in_generate=True,
             output_scores=return_logps,
         )
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        with clean_generation_config(self.model):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         new_ids = out.sequences[:, width:]  # (B, new)
         eos = tok.eos_token_id
-        result = []
+        result, stopped = [], []
         for row in new_ids.tolist():
-            if eos in row:
+            ended = eos in row
+            if ended:
                 row = row[: row.index(eos) + 1]  # keep the EOS: its probability is part of y
             result.append(row)
+            stopped.append(ended)
         logps: list[float] = []
         if return_logps and result:
             # scores: one (B, V) tensor per step, logits after the temperature warper
@@ -252,7 +334,7 @@ class Policy:
             lengths = torch.tensor([len(r) for r in result], device=scores.device)
             mask = torch.arange(new_ids.shape[1], device=scores.device)[None, :] < lengths[:, None]
             logps = (tok_logps * mask).sum(-1).tolist()
-        return result, logps
+        return result, stopped, logps
 
     # ------------------------------------------------------------------ teacher forcing
     def token_logps(

@@ -17,12 +17,15 @@ import pandas as pd
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext
 from algorithms.pairs import optim_metrics
+from algorithms.policy import ended_flags
 from algorithms.sft import sft_loss
 
 
 def preferred_examples(pairs: pd.DataFrame) -> pd.DataFrame:
-    """The distinct (prompt, chosen) rows of `pairs`, in order of first appearance, re-indexed 0..N-1."""
-    return pairs[["prompt", "chosen"]].drop_duplicates().reset_index(drop=True)
+    """The distinct (prompt, chosen) rows of `pairs` (with `chosen_ended` where the pairs have it), in
+    order of first appearance, re-indexed 0..N-1."""
+    columns = ["prompt", "chosen"] + (["chosen_ended"] if "chosen_ended" in pairs.columns else [])
+    return pairs[columns].drop_duplicates(subset=["prompt", "chosen"]).reset_index(drop=True)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class PreferredFT:
             raise ValueError("preferred-ft needs preference pairs; the env produced none")
         examples = preferred_examples(ctx.data.pairs)
         prompt_ids = policy.encode_prompts(examples["prompt"].tolist())
-        chosen_ids = policy.encode_completions(examples["chosen"].tolist())
+        chosen_ids = policy.encode_completions(examples["chosen"].tolist(), ended=ended_flags(examples, "chosen"))
 
         policy.model.train()
         for step in range(ctx.start_step, ctx.train.steps):

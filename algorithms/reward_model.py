@@ -5,7 +5,8 @@
 The model is the env's SFT backbone with a scalar head: a Hugging Face
 `AutoModelForSequenceClassification` with `num_labels=1`, initialised from the SFT checkpoint
 (the layout TRL's RewardTrainer writes, so either tool reads the other's reward models). The score
-of a completion is the head's output at the last token of prompt + completion (+ EOS).
+of a completion is the head's output at the last token of prompt + completion (+ EOS where the
+completion ended: a sample cut at max_new_tokens is scored without one, as it was sampled).
 
 The same `ScalarModel` also serves as PPO's critic, read at every completion position
 (`token_values`). bench trains the reward model ONCE per (env, seed, reward-model config) as a
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.interface import TrainSettings, check, rank_batch
-from algorithms.policy import completion_span, right_padded
+from algorithms.policy import completion_span, disable_dropout, encode_completions, ended_flags, right_padded
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ class ScalarModel:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-        self.head = ScalarHead(model)
+        self.head = ScalarHead(disable_dropout(model))
         self.tokenizer = tokenizer
         self.engine = None
         self.gathered = contextlib.nullcontext  # () -> context with every parameter whole (ZeRO-3: set by bench)
@@ -156,18 +157,23 @@ class ScalarModel:
         """V(x, y_<t) for every completion token t, aligned with `Policy.token_logps`: (values, mask), (B, Tc)."""
         return completion_span(self._forward(prompt_ids, completion_ids), prompt_ids, completion_ids)
 
-    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
-        tok = self.tokenizer
-        p_ids = [list(x) for x in tok(list(prompts), add_special_tokens=True)["input_ids"]]
-        c_ids = [list(x) + [tok.eos_token_id] for x in tok(list(completions), add_special_tokens=False)["input_ids"]]
-        return p_ids, c_ids
+    def encode(
+        self, prompts: Sequence[str], completions: Sequence[str], ended: Sequence[bool] | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompts with special tokens; completions + EOS where `ended` (all when None), as `Policy` encodes them."""
+        p_ids = [list(x) for x in self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+        return p_ids, encode_completions(self.tokenizer, completions, ended=ended)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 128) -> np.ndarray:
-        """Reward of each (prompt, completion) text, shape (N,): the proxy reward PPO and best-of-N use."""
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], *, ended: Sequence[bool] | None = None,
+        batch_size: int = 128,
+    ) -> np.ndarray:
+        """Reward of each (prompt, completion) text, shape (N,): the proxy reward PPO and best-of-N use.
+        `ended`: per completion, whether it stopped on EOS (a rollout's `ended`); None: all did."""
         if len(prompts) == 0:
             return np.zeros(0)
-        p_ids, c_ids = self.encode(prompts, completions)
+        p_ids, c_ids = self.encode(prompts, completions, ended)
         was_training = self.head.training
         self.head.eval()
         try:
@@ -194,8 +200,9 @@ def pair_metrics(rm: ScalarModel, pairs: pd.DataFrame, *, batch_size: int = 128)
     """Accuracy (r_w > r_l), mean BT loss and, where the pairs carry gold, Pearson(r, gold)."""
     if len(pairs) == 0:
         return {"accuracy": float("nan"), "loss": float("nan"), "gold_pearson": float("nan"), "pairs": 0}
-    chosen = rm.score(pairs["prompt"].tolist(), pairs["chosen"].tolist(), batch_size=batch_size)
-    rejected = rm.score(pairs["prompt"].tolist(), pairs["rejected"].tolist(), batch_size=batch_size)
+    prompts = pairs["prompt"].tolist()
+    chosen = rm.score(prompts, pairs["chosen"].tolist(), ended=ended_flags(pairs, "chosen"), batch_size=batch_size)
+    rejected = rm.score(prompts, pairs["rejected"].tolist(), ended=ended_flags(pairs, "rejected"), batch_size=batch_size)
     loss = bradley_terry_loss(torch.from_numpy(chosen), torch.from_numpy(rejected)).mean()
     out = {"accuracy": float((chosen > rejected).mean()), "loss": float(loss), "pairs": int(len(pairs))}
     out["gold_pearson"] = float("nan")
@@ -224,8 +231,9 @@ def train_reward_model(
     if len(train_pairs) == 0:
         raise ValueError("the reward model needs preference pairs; the env produced none")
     settings = params.train_settings(len(train_pairs))
-    p_ids, w_ids = rm.encode(train_pairs["prompt"].tolist(), train_pairs["chosen"].tolist())
-    _, l_ids = rm.encode(train_pairs["prompt"].tolist(), train_pairs["rejected"].tolist())
+    prompts = train_pairs["prompt"].tolist()
+    p_ids, w_ids = rm.encode(prompts, train_pairs["chosen"].tolist(), ended_flags(train_pairs, "chosen"))
+    _, l_ids = rm.encode(prompts, train_pairs["rejected"].tolist(), ended_flags(train_pairs, "rejected"))
     rm.head.train()
     recent: list[tuple[float, float]] = []
     for step in range(settings.steps):

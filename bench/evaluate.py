@@ -8,15 +8,21 @@ For a sampler π, the env's fixed eval prompts X and k samples per prompt at tem
   π_ref is scored at T = 1, y ~ π_T.
       k1 = Σ_t log π_T(y_t|x,y<t) − log π_ref(y_t|x,y<t)            (unbiased, can be < 0)
       k3 = Σ_t (r_t − 1) − log r_t,  r_t = π_ref(y_t|·) / π_T(y_t|·)  (unbiased per token, ≥ 0)
-  Greedy decoding (T = 0) has no KL: NaN with kl_kind "none". A sampler that knows its KL in
-  closed form (best-of-N: log n − (n−1)/n) reports it with kl_kind "analytic".
+  Greedy decoding (T = 0) has no KL: NaN with kl_kind "none". A sampler that knows a bound on its KL
+  (best-of-N: log n − (n−1)/n, an upper bound; Beirami et al. 2024) reports it with kl_kind "bound",
+  and, where it can estimate the true KL, that estimate in `kl_est` (NaN elsewhere).
 - win rate against the env's reference completion of the same prompt, judged by the gold reward
   (a tie counts ½); standard error clustered by prompt.
 - gen_len: mean completion length in tokens (EOS included).
 - best-of-N (a sampler with `sample_groups`): ONE set of N samples per prompt gives every n in
   `sampler.ns` through the unbiased estimator (algorithms.best_of_n); gold reward, win rate and
-  length are estimated per prompt and their standard errors are over prompts. KL is analytic at
-  T = 1 and not reported at other temperatures (log n − (n−1)/n is relative to the sampled base).
+  length are estimated per prompt and their standard errors are over prompts. Its KL is the bound
+  at T = 1 (not reported at other temperatures: it is relative to the sampled base), `kl_est` the
+  plug-in estimate from the same samples and their reference log-probs (`bon_kl_estimate`), and
+  `dup_rate` the share of the N samples of a prompt that repeat another.
+- two halves: every metric is also reported on the even-indexed and on the odd-indexed eval
+  prompts (`gold_reward_h0` / `_h1`, `kl_h0` / `_h1`, `win_rate_h0` / `_h1`), so that the report
+  can select a point on one half and report it on the other (no winner's curse).
 """
 
 from __future__ import annotations
@@ -156,6 +162,8 @@ def sample_stats(
         "k1": np.full(n, np.nan),
         "k3": np.full(n, np.nan),
         "analytic_kl": np.full(n, np.nan),
+        "kl_est": np.full(n, np.nan),
+        "dup_rate": np.full(n, np.nan),
     }
     analytic = getattr(sampler, "analytic_kl", None)
     if callable(analytic):
@@ -180,7 +188,7 @@ def best_of_n_stats(
     prompt), plus "n_drawn" (samples drawn for the prompt). Greedy decoding (T = 0) draws one sample:
     every n is that sample.
     """
-    from algorithms.best_of_n import analytic_kl, unbiased_bon_per_prompt
+    from algorithms.best_of_n import analytic_kl, bon_kl_estimate, duplicate_rate, unbiased_bon_per_prompt
 
     subset = np.arange(len(evalset.prompts)) if prompt_subset is None else np.asarray(prompt_subset)
     prompts = [evalset.prompts[i] for i in subset]
@@ -194,10 +202,16 @@ def best_of_n_stats(
     ref_gold = evalset.reference_gold[subset][:, None]
     win = win_indicator(gold, ref_gold)
     length = roll.lengths.astype(np.float64).reshape(P, N)
+    dups = duplicate_rate(roll.completion_ids, P, N)
+    ref_logps = None
+    if temperature == 1.0:  # the base the samples were drawn from: the reference at T = 1
+        ref_logps = sampler.reference.sequence_logps_batched(roll.prompt_ids, roll.completion_ids).double().numpy()
+        ref_logps = ref_logps.reshape(P, N)
     out = {}
     for n in sampler.ns:
         k = min(n, N)
         kl = analytic_kl(n) if temperature == 1.0 else float("nan")
+        kl_est = bon_kl_estimate(proxy, ref_logps, k) if ref_logps is not None else np.full(P, np.nan)
         out[n] = {
             "prompt": subset,
             "gold": unbiased_bon_per_prompt(proxy, gold, k),
@@ -206,6 +220,8 @@ def best_of_n_stats(
             "k1": np.full(P, np.nan),
             "k3": np.full(P, np.nan),
             "analytic_kl": np.full(P, kl),
+            "kl_est": kl_est,
+            "dup_rate": dups,
             "n_drawn": np.full(P, N),
         }
     return out
@@ -231,13 +247,27 @@ def summarize(stats: dict[str, np.ndarray], *, temperature: float) -> dict:
         "n_prompts": int(len(np.unique(prompt))),
         "n_samples": int(stats["n_drawn"].sum()) if "n_drawn" in stats else int(len(prompt)),
     }
-    if len(prompt) and not np.isnan(stats["analytic_kl"]).all():
+    bound = len(prompt) and not np.isnan(stats["analytic_kl"]).all()
+    if bound:
         kl = stats["analytic_kl"]
-        row.update(kl=exact_mean(kl[~np.isnan(kl)]), kl_se=0.0, kl_kind="analytic")
+        row.update(kl=exact_mean(kl[~np.isnan(kl)]), kl_se=0.0, kl_kind="bound")
     elif len(prompt) and not np.isnan(stats["k1"]).any():
         row["kl"], row["kl_se"] = clustered_mean_se(stats["k1"], prompt)
         row["kl_k3"], row["kl_k3_se"] = clustered_mean_se(stats["k3"], prompt)
         row["kl_kind"] = "estimated"
+    est, dup = stats.get("kl_est"), stats.get("dup_rate")
+    row["kl_est"] = exact_mean(est) if est is not None and len(est) and np.isfinite(est).all() else float("nan")
+    row["dup_rate"] = exact_mean(dup) if dup is not None and len(dup) and np.isfinite(dup).all() else float("nan")
+    for h in (0, 1):  # the even- and odd-indexed eval prompts: select on one, report on the other
+        half = prompt % 2 == h
+        row[f"gold_reward_h{h}"] = exact_mean(stats["gold"][half])
+        row[f"win_rate_h{h}"] = exact_mean(stats["win"][half])
+        if row["kl_kind"] == "bound":
+            row[f"kl_h{h}"] = row["kl"]
+        elif row["kl_kind"] == "estimated":
+            row[f"kl_h{h}"] = exact_mean(stats["k1"][half])
+        else:
+            row[f"kl_h{h}"] = float("nan")
     return row
 
 

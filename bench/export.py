@@ -193,19 +193,22 @@ def _write(suite: SuiteConfig, seed: int, env_dir: Path, tmp: Path, dest: Path) 
 def _token_agreement(sft_dir: Path, pairs: pd.DataFrame) -> tuple[int, int]:
     """How many of the pairs' completions TRL tokenises exactly as prefbench trains on them.
 
-    prefbench: tokens(prompt, with special tokens) + tokens(completion, without) + EOS (algorithms.policy).
-    TRL (DPOTrainer, RewardTrainer): tokens(prompt + completion + eos_token), one string.
+    prefbench: tokens(prompt, with special tokens) + tokens(completion, without) + EOS where the
+    completion ended (`chosen_ended` / `rejected_ended`; algorithms.policy).
+    TRL (DPOTrainer, RewardTrainer): tokens(prompt + completion + eos_token), one string: an EOS on
+    every completion, so a completion cut at max_new_tokens never agrees.
     """
     from transformers import AutoTokenizer
 
-    from algorithms.policy import Policy
+    from algorithms.policy import Policy, ended_flags
 
     policy = Policy(None, AutoTokenizer.from_pretrained(str(sft_dir)))  # tokenisation only: no model needed
     tok = policy.tokenizer
     same = total = 0
     for column in ("chosen", "rejected"):
         prompts, completions = pairs["prompt"].tolist(), pairs[column].tolist()
-        ours = [p + c for p, c in zip(policy.encode_prompts(prompts), policy.encode_completions(completions))]
+        ended = ended_flags(pairs, column)
+        ours = [p + c for p, c in zip(policy.encode_prompts(prompts), policy.encode_completions(completions, ended=ended))]
         texts = [p + j + tok.eos_token for p, j in zip(prompts, _joined(pairs[column]))]
         theirs = tok(texts)["input_ids"]
         same += sum(a == list(b) for a, b in zip(ours, theirs))
@@ -301,9 +304,12 @@ Cached at `{env_dir}` (cache root `{cache_root(suite)}`). The same export again:
 ## Text and tokens
 
 prefbench trains on `tokens(prompt)` (with the tokenizer's special tokens, e.g. a BOS) followed by
-`tokens(completion)` (without special tokens) and EOS; a completion sampled up to `max_new_tokens` without
-stopping still gets the EOS when it is trained on. TRL (DPOTrainer, RewardTrainer) tokenises `prompt + completion`
-as one string, with the tokenizer's special tokens, after appending `eos_token` to chosen and rejected. So
+`tokens(completion)` (without special tokens) and EOS only where the sample stopped on its own: the columns
+`chosen_ended` / `rejected_ended` (and `ended` in references.parquet) say which did; a completion cut at
+`max_new_tokens` is trained on without an EOS, as it was sampled. TRL (DPOTrainer, RewardTrainer) tokenises
+`prompt + completion` as one string, with the tokenizer's special tokens, after appending `eos_token` to chosen and
+rejected, so it trains the cut completions with an EOS the policy never produced (drop those pairs, or keep them
+and know it). So
 completions here carry a leading space (TRL's standard format, e.g. prompt "The sky is", chosen " blue."): a
 sub-word model's samples start with one anyway; a word-level env's completions get one added here (its tokenizer
 splits on whitespace, so the ids are the same). {tokens_line}

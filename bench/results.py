@@ -15,6 +15,10 @@ EVAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "step", "final",
     "temperature", "gold_reward", "gold_reward_se", "kl", "kl_se", "kl_k3", "kl_k3_se", "kl_kind",
     "win_rate", "win_rate_se", "gen_len", "n_prompts", "n_samples", "train_time_s", "wall_time_s",
+    # the plug-in KL estimate where `kl` is a bound (best-of-n) and the share of repeated samples
+    "kl_est", "dup_rate",
+    # the same metrics on the even- (h0) and odd-indexed (h1) eval prompts: select on one, report on the other
+    "gold_reward_h0", "gold_reward_h1", "kl_h0", "kl_h1", "win_rate_h0", "win_rate_h1",
 ]
 TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",

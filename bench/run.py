@@ -20,8 +20,9 @@ from bench import __version__, say
 from bench.config import SuiteConfig, env_params, expand_trials, load_suite, to_yaml
 from envs import ENVS
 
-ENV_CACHE_FORMAT = 1  # bump when the layout of a prepared env changes
-RM_CACHE_FORMAT = 1  # bump when the layout or training of the reward-model stage changes
+# 2: pairs/references carry whether each sample ended on EOS; models train without dropout
+ENV_CACHE_FORMAT = 2  # bump when the layout of a prepared env changes
+RM_CACHE_FORMAT = 2  # bump when the layout or training of the reward-model stage changes
 
 
 class UserError(Exception):

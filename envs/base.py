@@ -129,7 +129,9 @@ def pairs_from_samples(
     """The paper's recipe: k SFT samples per prompt at T = 1, every pair ranked by the gold reward.
 
     All k(k-1)/2 pairs per prompt whose gold gap is at least `min_gap` are kept, the higher-reward
-    completion as `chosen`. Columns: prompt, chosen, rejected, chosen_gold, rejected_gold.
+    completion as `chosen`. Columns: prompt, chosen, rejected, chosen_gold, rejected_gold,
+    chosen_ended, rejected_ended (whether the sample stopped on EOS; one cut at max_new_tokens is
+    encoded without one by every algorithm and the reward model).
     """
     roll = sft.generate(
         prompts, n=samples_per_prompt, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size
@@ -142,8 +144,12 @@ def pairs_from_samples(
             if abs(scores[i] - scores[j]) < min_gap or roll.completions[i] == roll.completions[j]:
                 continue
             w, l = (i, j) if scores[i] > scores[j] else (j, i)
-            rows.append((prompts[p], roll.completions[w], roll.completions[l], scores[w], scores[l]))
-    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"])
+            rows.append((prompts[p], roll.completions[w], roll.completions[l], scores[w], scores[l],
+                         bool(roll.ended[w]), bool(roll.ended[l])))
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+PAIR_COLUMNS = ["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold", "chosen_ended", "rejected_ended"]
 
 
 def references_from_samples(
@@ -155,10 +161,12 @@ def references_from_samples(
     seed: int,
     batch_size: int = 512,
 ) -> pd.DataFrame:
-    """One SFT sample per eval prompt at T = 1: the baseline win rates are measured against."""
+    """One SFT sample per eval prompt at T = 1: the baseline win rates are measured against.
+    Columns: prompt, completion, gold, ended (the sample stopped on EOS)."""
     roll = sft.generate(prompts, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
     return pd.DataFrame(
-        {"prompt": roll.prompts, "completion": roll.completions, "gold": _checked(gold)(roll.prompts, roll.completions)}
+        {"prompt": roll.prompts, "completion": roll.completions, "gold": _checked(gold)(roll.prompts, roll.completions),
+         "ended": roll.ended}
     )
 
 

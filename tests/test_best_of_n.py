@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from algorithms import ALGORITHMS
-from algorithms.best_of_n import BestOfNParams, BestOfNSampler, analytic_kl, bon_weights, unbiased_bon
+from algorithms.best_of_n import (
+    BestOfNParams, BestOfNSampler, analytic_kl, bon_kl_estimate, bon_weights, duplicate_rate, unbiased_bon,
+)
 from algorithms.interface import ParamError
 from bench.evaluate import EvalSet, best_of_n_stats, summarize
 
@@ -47,6 +49,39 @@ def test_analytic_kl():
     assert analytic_kl(4) == pytest.approx(math.log(4) - 0.75)
 
 
+def exact_bon_kl(q: np.ndarray, n: int) -> float:
+    """KL(best-of-n ‖ q) by enumeration for a categorical q whose outcomes are sorted by reward."""
+    below = np.concatenate([[0.0], np.cumsum(q)[:-1]])
+    bon = (below + q) ** n - below**n
+    keep = bon > 0
+    return float((bon[keep] * np.log(bon[keep] / q[keep])).sum())
+
+
+@pytest.mark.parametrize("outcomes", [100_000, 200, 5])
+def test_kl_estimate_against_exact_enumeration_and_the_bound(outcomes):
+    """log n − (n−1)/n is an upper bound, tight without atoms; the plug-in estimate follows the exact KL."""
+    rng = np.random.default_rng(0)
+    q = rng.dirichlet(np.full(outcomes, 2.0))
+    P, N = 2000, 16
+    draws = rng.choice(outcomes, size=(P, N), p=q)
+    proxy, ref_logps = draws.astype(float), np.log(q[draws])  # reward = outcome index: distinct per outcome
+    for n in (2, 4):
+        exact, bound = exact_bon_kl(q, n), analytic_kl(n)
+        est = bon_kl_estimate(proxy, ref_logps, n)
+        assert exact <= bound + 1e-12
+        se = est.std() / math.sqrt(P)
+        tol = 4 * se + (0.002 if outcomes > 1000 else 0.01 if outcomes > 100 else 0.06)
+        assert abs(est.mean() - exact) < tol, (outcomes, n, est.mean(), exact)
+    if outcomes == 5:  # atoms: the bound overstates the KL by a margin the estimate sees
+        assert analytic_kl(4) - exact_bon_kl(q, 4) > 0.02
+        assert bon_kl_estimate(proxy, ref_logps, 4).mean() < analytic_kl(4) - 0.02
+
+
+def test_duplicate_rate_counts_repeated_samples_per_prompt():
+    ids = [[1, 2], [1, 2], [3], [4]] + [[5], [6], [7], [8]]
+    assert duplicate_rate(ids, 2, 4).tolist() == [0.5, 0.0]
+
+
 def test_params_and_registration():
     assert BestOfNParams(n=64).points() == [1, 2, 4, 8, 16, 32, 64]
     assert BestOfNParams(n=12).points() == [1, 2, 4, 8, 12]
@@ -60,7 +95,7 @@ def test_params_and_registration():
 class LengthRM:
     """A stand-in proxy reward: longer completions score higher."""
 
-    def score(self, prompts, completions, batch_size=512):
+    def score(self, prompts, completions, ended=None, batch_size=512):
         return np.array([len(c.split()) for c in completions], dtype=float)
 
 
@@ -79,7 +114,12 @@ def test_sampler_and_evaluator_rerank_one_set_of_samples(policy, prompts):
     rows = {n: summarize(s, temperature=1.0) for n, s in per_n.items()}
     # gold here is a function of the proxy: more n, more gold
     assert rows[1]["gold_reward"] <= rows[2]["gold_reward"] <= rows[8]["gold_reward"]
-    assert rows[8]["kl_kind"] == "analytic" and rows[8]["kl"] == pytest.approx(analytic_kl(8))
+    assert rows[8]["kl_kind"] == "bound" and rows[8]["kl"] == pytest.approx(analytic_kl(8))
+    # the plug-in estimate never exceeds the bound by more than noise; duplicates pull it below
+    for n in (2, 8):
+        assert np.isfinite(rows[n]["kl_est"]) and rows[n]["kl_est"] <= analytic_kl(n) + 0.05
+        assert 0 <= rows[n]["dup_rate"] <= 1
+    assert rows[8]["kl_h0"] == rows[8]["kl_h1"] == rows[8]["kl"]  # a bound is the same on both halves
     assert rows[8]["n_samples"] == 8 * len(prompts) and rows[8]["n_prompts"] == len(prompts)
     greedy = best_of_n_stats(sampler, evalset, temperature=0.0, max_new_tokens=12, seed=3)
     g = {n: summarize(s, temperature=0.0) for n, s in greedy.items()}
