@@ -6,9 +6,10 @@ review ("the plot was very good .", "i hated the ending .", "i would not recomme
 in real reviews. Positive, negative and neutral words mix; the corpus' gold reward has mean ≈ 0.5
 and a wide spread. A word-level tokenizer (`tokenizers`, wrapped as a transformers fast
 tokenizer) and a tiny GPT-2 (`GPT2LMHeadModel`, ~0.6 M parameters) trained by SFT on the corpus
-make the reference policy. Prompts are the first 2–4 words of held-out reviews; the gold reward is
-VADER's compound score of prompt + completion mapped to [0, 1]; pairs are SFT samples ranked by
-gold, as in the paper.
+make the reference policy. Prompts are the first 2–4 words of fresh reviews from the grammar
+(`make_prompts`): eval prompts are drawn first, and train prompts never repeat an eval prompt
+string. The gold reward is VADER's compound score of prompt + completion mapped to [0, 1]; pairs are
+SFT samples ranked by gold, as in the paper.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from algorithms.interface import TrainSettings, check
+from algorithms.interface import ParamError, TrainSettings, check
 from algorithms.policy import Policy
 from envs import ENVS
 from envs.base import finish_from_samples, sft_train_settings, vader_gold, word_tokenizer
@@ -37,6 +38,7 @@ ADVERBS = ["very", "really", "quite", "so", "extremely", "pretty", "rather", "tr
 LIKE = ["loved", "liked", "enjoyed", "adored"]
 DISLIKE = ["hated", "disliked", "regretted", "despised"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+MAX_DRAWS_PER_TRAIN_PROMPT = 50  # openings drawn per train prompt before giving up (default params: ~3.5)
 
 
 @dataclass
@@ -67,8 +69,9 @@ class TinySentimentParams:
         check(self.sft_warmup_steps >= 0, "sft_warmup_steps", "must be >= 0")
 
 
-def make_review(rng: np.random.Generator) -> list[str]:
-    """One review as words. A hidden tilt in [-1, 1] sets how likely each sentiment slot is positive."""
+def make_review(rng: np.random.Generator, num_sentences: int | None = None) -> list[str]:
+    """One review as words: 2–5 sentences (or `num_sentences`), each of >= 4 words. A hidden tilt in
+    [-1, 1] sets how likely each sentiment slot is positive."""
     tilt = rng.uniform(-1, 1)
     p_pos = (1 + tilt) / 2
 
@@ -103,15 +106,50 @@ def make_review(rng: np.random.Generator) -> list[str]:
         return ["overall", "it", "was", *adv, adj()]
 
     words: list[str] = []
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(2, 6) if num_sentences is None else num_sentences):
         words += sentence() + ["."]
     return words
+
+
+def review_opening(rng: np.random.Generator) -> str:
+    """A prompt: the first 2–4 words of a review. They lie in its first sentence (>= 4 words), so one
+    sentence is drawn: the same distribution as a whole review's opening, ~3x cheaper."""
+    words = make_review(rng, num_sentences=1)
+    return " ".join(words[: int(rng.integers(2, 5))])
+
+
+def make_prompts(params: TinySentimentParams, seed: int) -> dict[str, list[str]]:
+    """prompts.json's {"train": [...], "eval": [...]}: no eval prompt string is also a train prompt.
+
+    Openings are few and skewed (89 two- and three-word strings hold 2/3 of the mass), so prompts
+    drawn independently for both lists share strings (v2: 91–93 % of eval prompts were train ones).
+    Eval prompts are drawn first, an i.i.d. sample of openings as before: the report's gold is
+    measured on the opening mix the SFT policy learned, short ones that leave the sentiment to the
+    completion included. Train prompts are drawn from the other openings and so lean to rarer,
+    4-word ones (~55 % vs 1/3): pairs and rollouts need openings, not the eval mix. Eval prompts may
+    repeat (122–135 distinct in 256 at seeds 0, 1): a repeat gets fresh samples at T > 0 and weighs
+    an opening by its frequency, while 256 distinct ones would have to be >= 65 % 4-word openings.
+    On their own random stream, the prompts of a seed do not depend on num_reviews.
+    """
+    rng = np.random.default_rng([seed, 2])
+    eval_prompts = [review_opening(rng) for _ in range(params.num_eval_prompts)]
+    held_out = set(eval_prompts)
+    train_prompts: list[str] = []
+    # the eval openings can hold nearly all the mass when num_eval_prompts is large: stop, do not spin
+    for _ in range(MAX_DRAWS_PER_TRAIN_PROMPT * params.num_train_prompts):
+        prompt = review_opening(rng)
+        if prompt not in held_out:
+            train_prompts.append(prompt)
+            if len(train_prompts) == params.num_train_prompts:
+                return {"train": train_prompts, "eval": eval_prompts}
+    raise ParamError("num_eval_prompts", f"{params.num_eval_prompts} eval prompts leave too few other openings for "
+                     f"{params.num_train_prompts} train prompts (found {len(train_prompts)}); lower either")
 
 
 class TinySentiment:
     name = "tiny-sentiment"
     params_cls = TinySentimentParams
-    version = 2  # part of the cache key: bump when what build/SFT/finish produce changes
+    version = 3  # part of the cache key: bump when what build/SFT/finish produce changes (3: disjoint prompts)
 
     def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """VADER compound of prompt + completion, mapped from [-1, 1] to [0, 1]."""
@@ -122,17 +160,13 @@ class TinySentiment:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         rng = np.random.default_rng([seed, 1])
-        n_total = params.num_reviews + params.num_train_prompts + params.num_eval_prompts
-        reviews = [" ".join(make_review(rng)) for _ in range(n_total)]
-        corpus = reviews[: params.num_reviews]
-        held_out = reviews[params.num_reviews :]
-        prompts = [" ".join(r.split()[: int(rng.integers(2, 5))]) for r in held_out]
+        corpus = [" ".join(make_review(rng)) for _ in range(params.num_reviews)]
+        prompts = make_prompts(params, seed)
         pd.DataFrame({"text": corpus}).to_parquet(workdir / "corpus.parquet", index=False)
-        (workdir / "prompts.json").write_text(
-            json.dumps({"train": prompts[: params.num_train_prompts], "eval": prompts[params.num_train_prompts :]})
-        )
+        (workdir / "prompts.json").write_text(json.dumps(prompts))
 
-        words = sorted({w for r in reviews for w in r.split()} | set(POSITIVE + NEGATIVE + NEUTRAL + NOUNS))
+        grammar = POSITIVE + NEGATIVE + NEUTRAL + NOUNS + ADVERBS + LIKE + DISLIKE + NUMBERS
+        words = sorted({w for text in corpus + prompts["eval"] + prompts["train"] for w in text.split()} | set(grammar))
         tokenizer = word_tokenizer(words)
         vocab = tokenizer.get_vocab()
         config = GPT2Config(
