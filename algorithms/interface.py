@@ -104,7 +104,16 @@ class EnvData:
 
 @dataclass
 class TrainContext:
-    """Everything `Algorithm.train` receives. Built by bench; built by hand in tests."""
+    """Everything `Algorithm.train` receives. Built by bench; built by hand in tests.
+
+    `cache(key, compute) -> dict`: a value computed once and reused by later trials, e.g. PPO's
+    reward statistics of reference samples. bench keeps it as JSON in the env's work dir, scoped to
+    the env (name, params, seed: its SFT reference and data) and to the trial's reward model (when it
+    has one); `key` must name everything else the value depends on (sample count, temperature,
+    max_new_tokens, seed, ...). On a miss every rank calls `compute()` (it may use collectives) and
+    every rank gets rank 0's value; like `log`, every rank calls `cache` with the same keys in the
+    same order. `compute` returns a JSON-serialisable dict. Default (tests): no cache, `compute()`.
+    """
 
     policy: Policy  # trainable; forward passes go through its DeepSpeed engine when bench set one
     reference: Policy  # frozen SFT policy
@@ -128,6 +137,7 @@ class TrainContext:
     # the algorithm's own state across steps (JSON-serialisable scalars, e.g. an adaptive KL
     # coefficient): bench saves it with every checkpoint and hands it back on resume
     state: dict = field(default_factory=dict)
+    cache: Callable[[str, Callable[[], dict]], dict] = lambda key, compute: compute()  # see the docstring
 
     def should_evaluate(self, step: int) -> bool:
         return step % self.train.eval_every == 0 and step < self.train.steps

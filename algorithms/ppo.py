@@ -1,10 +1,12 @@
 """PPO with a KL penalty to the reference (Ziegler et al. 2019; Ouyang et al. 2022), and PPO-GT.
 
 Per iteration: sample one completion per train prompt from π at `rollout_temperature`, score it
-(`ppo`: the learned reward model; `ppo-gt`: the env's gold reward, the DPO paper's PPO-GT), and
-shape per-token rewards
+(`ppo`: the learned reward model; `ppo-gt`: the env's gold reward, the DPO paper's PPO-GT),
+normalise the score with the reference policy's score statistics (`reward_norm`), and shape
+per-token rewards
 
-    r_t = −kl_coef · KL_t  (+ score at the last token),   KL_t = log π(y_t|·) − log π_ref(y_t|·)   (k1)
+    r_t = −kl_coef · KL_t  (+ ŝ at the last token),   KL_t = log π(y_t|·) − log π_ref(y_t|·)   (k1)
+    ŝ = (score − μ_ref) / σ_ref,   μ_ref, σ_ref: mean and std of the score over reference samples
 
 then GAE advantages (γ, λ) from a critic V(x, y_<t), and several epochs of the clipped objectives
 
@@ -12,13 +14,42 @@ then GAE advantages (γ, λ) from a critic V(x, y_<t), and several epochs of the
     L_V = ½ E_t max((V_t − G_t)², (V_old,t + clip(V_t − V_old,t, ±ε_V) − G_t)²)
     L   = L_π + vf_coef · L_V
 
-The critic is a separate scalar-head model (`algorithms.reward_model.ScalarModel`) started from
-the SFT backbone with a zero head; bench optimises it together with the policy in ONE DeepSpeed
-engine (needs "critic"). Every choice implementations disagree on is a param below, so it lands in
-the results' params column: where the KL goes (`kl_placement`), its estimator (`kl_estimator`),
-token- vs sequence-mean losses (`loss_aggregation`), whitening, γ/λ, clip ranges, epochs and
-minibatches, and the rollout temperature. Frontier knob: `kl_coef` (with `target_kl` set, the
+μ_ref and σ_ref are measured once, on one sample of the frozen SFT reference per train prompt
+(up to `reward_norm_samples` prompts, seeded) at `rollout_temperature` with the same scorer, and
+cached by bench (`ctx.cache`): the reward the policy sees is in units of the reference's spread,
+whatever the scorer's scale (a Bradley–Terry logit, a gold reward in [0, 1]), so `kl_coef`,
+`cliprange_value` and the critic's scale mean the same for `ppo` and `ppo-gt` (`reward_norm:
+false`: ŝ = score). `objective/score` logs the raw score, `objective/score_normalized` ŝ.
+
+The critic is a separate scalar-head model (`algorithms.reward_model.ScalarModel`) that bench
+optimises together with the policy in ONE DeepSpeed engine (needs "critic"). `ppo` starts it from
+the shared reward model, backbone and head (`critic_init: reward_model`, as TRL and OpenRLHF do);
+its outputs are then in score units and PPO normalises them like the score, V̂ = (V − μ_ref)/σ_ref,
+so the first values already predict the normalised reward. `ppo-gt` has no reward model: its
+critic is the SFT backbone with a zero head (predicting 0 = the reference's mean normalised
+score), as is `ppo`'s with `critic_init: sft`. Every choice implementations disagree on is a param
+below, so it lands in the results' params column: where the KL goes (`kl_placement`), its
+estimator (`kl_estimator`), token- vs sequence-mean losses (`loss_aggregation`), whitening, γ/λ,
+clip ranges, epochs and minibatches, the rollout temperature, reward normalisation (`reward_norm`)
+and the critic's start (`critic_init`). Frontier knob: `kl_coef` (with `target_kl` set, the
 adaptive controller moves kl_coef and a suite can name `knob: target_kl`).
+
+Which KL each estimator regularises. With samples y ~ π (no gradient through the sampling) and
+r = π_ref/π, the expected gradient E_π[∇ k] of an estimator used as a LOSS term
+(`kl_placement: loss`) and the policy-gradient (score-function) gradient E_π[k ∇ log π] of one
+used as a REWARD penalty (`per_token`, `sequence`) are:
+
+    estimator                       as a reward penalty               as a loss term
+    k1 = log π − log π_ref          ∇ KL(π‖π_ref)                     0: E_π[∇ log π] = 0 (rejected)
+    k2 = ½ (log π − log π_ref)²     biased (neither KL)               ∇ KL(π‖π_ref)
+    k3 = r − 1 − log r              ∇ KL(π‖π_ref) − ∇ KL(π_ref‖π)     ∇ KL(π_ref‖π)
+
+so k1 belongs in the reward (InstructGPT, TRL), k2 or k3 in the loss (k3 is GRPO's: the reverse
+KL's gradient, although its value is an unbiased estimate of KL(π‖π_ref)). As a reward, k3's
+gradient is second order in π − π_ref (the two KLs' gradients agree to first order): it barely
+regularises near the reference.
+`objective/kl` is the sequence sum of the estimator in use (k1, k3: unbiased for KL(π‖π_ref); k2:
+biased, equal to it only to second order near π_ref).
 
 `train.steps` counts PPO iterations (rollout batches of `train.batch_size` prompts); each makes
 `ppo_epochs × num_minibatches` optimizer steps.
@@ -46,11 +77,15 @@ from algorithms.policy import Rollout
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL(π‖π_ref) estimate from log-probs of tokens sampled from π, (B, T) nats.
 
-    k1 = log π − log π_ref (unbiased, can be negative); k3 = (r − 1) − log r, r = π_ref/π (≥ 0).
+    k1 = log π − log π_ref (unbiased, can be negative); k2 = ½ (log π − log π_ref)² (≥ 0, biased);
+    k3 = (r − 1) − log r, r = π_ref/π (≥ 0, unbiased). Which KL each one's gradient regularises
+    depends on where it goes (the module docstring's table).
     """
     log_ratio = logps - ref_logps
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
     return torch.expm1(-log_ratio) + log_ratio  # k3
 
 
@@ -144,7 +179,7 @@ class PPOParams:
     kl_coef: float = 0.05  # β of the KL penalty (initial value when target_kl is set); the frontier knob
     target_kl: float | None = None  # nats per sequence; set → adaptive controller (Ziegler et al.)
     kl_horizon: int = 10_000  # adaptive controller horizon, in samples
-    kl_estimator: str = "k1"  # "k1" (log π − log π_ref, InstructGPT/TRL) or "k3" (non-negative, GRPO)
+    kl_estimator: str = "k1"  # "k1" (log π − log π_ref, InstructGPT/TRL), "k2" (½ log-ratio²), "k3" (GRPO): docstring
     kl_placement: str = "per_token"  # "per_token" reward penalty; "sequence": summed, at the last token; "loss": a term of L_π
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
@@ -156,6 +191,9 @@ class PPOParams:
     num_minibatches: int = 1  # optimizer steps per pass
     loss_aggregation: str = "token_mean"  # "token_mean" over the batch's tokens or "sequence_mean"
     rollout_temperature: float = 1.0  # sampling temperature of rollouts; π and π_ref are scored at it
+    reward_norm: bool = True  # score → (score − μ_ref) / σ_ref, the reference samples' mean and std
+    reward_norm_samples: int = 256  # train prompts (one reference sample each) that μ_ref and σ_ref are measured on
+    critic_init: str = "reward_model"  # "reward_model": start the critic as the RM (ppo-gt: none, SFT); "sft": SFT, zero head
     # prompts per generation call, each call seeded by its position in the global batch: the same
     # rollouts on any number of workers (must divide train.batch_size / num_workers)
     rollout_chunk: int = 8
@@ -164,9 +202,12 @@ class PPOParams:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         check(self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0 (or null for a fixed kl_coef)")
         check(self.kl_horizon >= 1, "kl_horizon", "must be >= 1")
-        check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be 'k1' or 'k3'")
+        check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", "must be 'k1', 'k2' or 'k3'")
         check(self.kl_placement in ("per_token", "sequence", "loss"), "kl_placement",
               "must be 'per_token', 'sequence' or 'loss'")
+        check(not (self.kl_placement == "loss" and self.kl_estimator == "k1"), "kl_estimator",
+              "'k1' as a loss term (kl_placement: loss) has zero expected gradient (E_π[∇ log π] = 0) and "
+              "regularises nothing; use 'k2' (gradient of KL(π‖π_ref)) or 'k3' (gradient of KL(π_ref‖π))")
         check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
         check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         check(self.cliprange > 0, "cliprange", "must be > 0")
@@ -179,6 +220,9 @@ class PPOParams:
               "must be 'token_mean' or 'sequence_mean'")
         check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
         check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+        check(isinstance(self.reward_norm_samples, int) and self.reward_norm_samples >= 2, "reward_norm_samples",
+              "must be an integer >= 2")
+        check(self.critic_init in ("reward_model", "sft"), "critic_init", "must be 'reward_model' or 'sft'")
 
 
 class PPO:
@@ -193,12 +237,42 @@ class PPO:
         self.reward = reward  # "reward_model" or "gold"
         self.needs = frozenset({"prompts", "critic", reward})
 
-    def _score(self, ctx: TrainContext, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def _score(self, ctx: TrainContext, roll: Rollout) -> torch.Tensor:
+        """The raw score of each sample, (B,): the gold reward or the learned reward model's."""
         if self.reward == "gold":
-            scores = ctx.gold(prompts, completions)
+            scores = ctx.gold(roll.prompts, roll.completions)
         else:
-            scores = ctx.reward_model.score(prompts, completions)
+            # EOS appended only where the sample ended: a cut-off sample is scored as it was sampled
+            scores = ctx.reward_model.score(roll.prompts, roll.completions, ended=roll.ended)
         return torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
+
+    def _reward_stats(self, ctx: TrainContext) -> dict:
+        """μ_ref, σ_ref: the score's mean and std over one seeded reference sample per train prompt
+        (a seeded subset of `reward_norm_samples` prompts) at the rollout temperature."""
+        p: PPOParams = ctx.params
+        prompts = ctx.data.train_prompts
+        n = min(p.reward_norm_samples, len(prompts))
+        chosen = np.sort(np.random.default_rng([ctx.seed, 0x5C0E]).permutation(len(prompts))[:n])
+        roll = ctx.reference.generate([prompts[i] for i in chosen], n=1, temperature=p.rollout_temperature,
+                                      max_new_tokens=ctx.max_new_tokens, seed=ctx.seed * 1_000_003 + 0x5C0E)
+        score = self._score(ctx, roll).double()
+        require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of the reference samples", score)
+        return {"mean": float(score.mean()), "std": float(score.std(unbiased=False)), "samples": n}
+
+    def _normaliser(self, ctx: TrainContext) -> tuple[float, float]:
+        """(μ_ref, σ_ref) with `reward_norm`, else (0, 1): ŝ = (score − μ_ref) / σ_ref."""
+        p: PPOParams = ctx.params
+        if not p.reward_norm:
+            return 0.0, 1.0
+        scorer = "gold" if self.reward == "gold" else "reward_model"
+        key = (f"ppo-reward-stats/{scorer}/samples={min(p.reward_norm_samples, len(ctx.data.train_prompts))}"
+               f"/temperature={p.rollout_temperature:g}/max_new_tokens={ctx.max_new_tokens}/seed={ctx.seed}")
+        stats = ctx.cache(key, lambda: self._reward_stats(ctx))
+        if not stats["std"] > 1e-6:
+            raise ValueError(f"{self.name}: the reference samples' {scorer.replace('_', ' ')} scores all equal "
+                             f"{stats['mean']:.4g} (std {stats['std']:.2g}): nothing to normalise by; "
+                             "set reward_norm: false")
+        return stats["mean"], stats["std"]
 
     def _rollout(self, ctx: TrainContext, batch: list[str], it: int) -> Rollout:
         """Sample this rank's prompts `rollout_chunk` at a time, each chunk seeded by its global position."""
@@ -218,6 +292,7 @@ class PPO:
             completions=[x for r in parts for x in r.completions],
             prompt_ids=[x for r in parts for x in r.prompt_ids],
             completion_ids=[x for r in parts for x in r.completion_ids], temperature=p.rollout_temperature,
+            ended=np.concatenate([r.ended for r in parts]),
         )
 
     def train(self, ctx: TrainContext) -> dict:
@@ -229,6 +304,14 @@ class PPO:
         kl_coef = ctx.state.get("kl_coef", p.kl_coef)  # a resumed trial carries on with its adapted value
         kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
         T = p.rollout_temperature
+        shift, scale = self._normaliser(ctx)  # every rank: ctx.cache synchronises the ranks
+        # a critic started from the reward model predicts raw scores: normalise it like the score
+        from_rm = self.reward == "reward_model" and p.critic_init == "reward_model"
+        critic_shift, critic_scale = (shift, scale) if from_rm else (0.0, 1.0)
+
+        def values_of(p_ids: list, c_ids: list) -> torch.Tensor:
+            values, _ = critic.token_values(p_ids, c_ids)  # (B, T), the critic's own units
+            return (values - critic_shift) / critic_scale
 
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
@@ -238,21 +321,21 @@ class PPO:
             idx = ctx.batch_indices(it, len(prompts))
             roll = self._rollout(ctx, [prompts[i] for i in idx], it)
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            score = self._score(ctx, roll.prompts, roll.completions)
+            score = self._score(ctx, roll)  # (B,) raw
             require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
+            score_n = (score - shift) / scale  # (B,) ŝ, what the policy is rewarded with
             with torch.no_grad():
                 old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)
                 ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
                 ref_logps = ref_logps.to(old_logps.device)
-                old_values, _ = critic.token_values(p_ids, c_ids)
-                old_values = old_values.to(old_logps.device)
+                old_values = values_of(p_ids, c_ids).to(old_logps.device)
                 kl_tokens = kl_penalty(old_logps, ref_logps, p.kl_estimator) * mask  # (B, T)
                 seq_kl = kl_tokens.sum(-1)  # (B,) nats per sequence
                 require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
                 last = mask.sum(-1).long() - 1  # index of each completion's last token
                 rows = torch.arange(len(last), device=mask.device)
                 rewards = torch.zeros_like(old_logps)
-                rewards[rows, last] += score.to(rewards.device)
+                rewards[rows, last] += score_n.to(rewards.device)
                 if p.kl_placement == "per_token":
                     rewards -= kl_coef * kl_tokens
                 elif p.kl_placement == "sequence":
@@ -272,7 +355,7 @@ class PPO:
                     mb_p, mb_c = [p_ids[i] for i in mb], [c_ids[i] for i in mb]
                     logps, mb_mask = policy.token_logps(mb_p, mb_c, temperature=T)
                     tokens = ctx.mean_over_ranks({"n": float(mb_mask.sum())})["n"]  # global tokens / W
-                    values, _ = critic.token_values(mb_p, mb_c)
+                    values = values_of(mb_p, mb_c)
                     sel = torch.as_tensor(mb, device=logps.device)
                     width = logps.shape[1]
                     losses = ppo_losses(
@@ -294,9 +377,10 @@ class PPO:
             mean_kl = float(seq_kl.mean())
             ctx.log(it + 1, {
                 "objective/score": float(score.mean()),
+                "objective/score_normalized": float(score_n.mean()),
                 "objective/kl": mean_kl,
                 "objective/kl_coef": kl_coef,
-                "objective/reward": float(score.mean()) - kl_coef * mean_kl,
+                "objective/reward": float(score_n.mean()) - kl_coef * mean_kl,  # what PPO maximises
                 "objective/length": float(mask.sum(-1).mean()),
                 "losses/policy": float(np.mean(stats["policy"])),
                 "losses/value": float(np.mean(stats["value"])),
@@ -309,7 +393,7 @@ class PPO:
                 kl_ctl.update(ctx.mean_over_ranks({"kl": mean_kl})["kl"], n * ctx.world_size)
                 kl_coef = ctx.state["kl_coef"] = kl_ctl.value
         ctx.evaluate(policy, ctx.train.steps, final=True)
-        return {"final_kl_coef": kl_coef}
+        return {"final_kl_coef": kl_coef, "reward_norm_mean": shift, "reward_norm_std": scale}
 
 
 ALGORITHMS.register(PPO("ppo", reward="reward_model"))

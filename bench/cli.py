@@ -42,9 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--kl-budgets", metavar="B,B,...", help="KL budgets in nats (default: the run's report.kl_budgets)")
     rep.add_argument("--temperature-kl-budget", type=float, metavar="B",
                      help="KL budget in nats of each algorithm's point in the temperature plot (default: the run's)")
+    rep.add_argument("--baseline", metavar="ALGORITHM",
+                     help="algorithm the paired per-seed differences are taken against (default: the run's report.baseline)")
     cmp = sub.add_parser("compare", help="put several runs side by side (per algorithm: each run's numbers and the difference)")
     cmp.add_argument("outs", nargs="+", metavar="OUT", help="run output directories (the difference is last - first)")
     cmp.add_argument("--out", dest="dest", help="also write compare.md, compare.csv and compare_frontier.png/.svg here")
+    cmp.add_argument("--baseline", metavar="ALGORITHM",
+                     help="algorithm of each run's paired differences (default: each run's report.baseline)")
     exp = sub.add_parser(
         "export-env", help="write an env's SFT policy, pairs and prompts for other tools (Hugging Face, TRL)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,7 +117,7 @@ def _report_settings(args):
     from bench.config import ConfigError, ReportSettings, build_dataclass
     from bench.report import saved_settings
 
-    if args.kl_budgets is None and args.temperature_kl_budget is None:
+    if args.kl_budgets is None and args.temperature_kl_budget is None and args.baseline is None:
         return None
     changes = dataclasses.asdict(saved_settings(Path(args.out)))
     if args.kl_budgets is not None:
@@ -123,6 +127,8 @@ def _report_settings(args):
             raise ConfigError(f"--kl-budgets: expected numbers separated by commas, got {args.kl_budgets!r}") from None
     if args.temperature_kl_budget is not None:
         changes["temperature_kl_budget"] = args.temperature_kl_budget
+    if args.baseline is not None:
+        changes["baseline"] = args.baseline
     return build_dataclass(ReportSettings, changes, "report")
 
 
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from bench.report import compare
 
-            print(compare([Path(o) for o in args.outs], Path(args.dest) if args.dest else None), end="")
+            print(compare([Path(o) for o in args.outs], Path(args.dest) if args.dest else None, args.baseline), end="")
         elif args.command == "perf" and args.suite is not None:
             from bench.perf import format_suite_perf, run_suite_perf
 

@@ -128,8 +128,11 @@ class ReportSettings:
     kl_budgets: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])  # nats: best gold and area under each front up to each
     temperature_kl_budget: float = 3.0  # nats: each algorithm's point in the temperature plot = its best final point with KL(T=1) <= this
     confidence: float = 0.95  # level of every confidence interval (Student t over seeds)
+    baseline: str = "dpo"  # algorithm the paired differences (per seed, other − baseline) are taken against
 
     def __post_init__(self) -> None:
+        if not (0 < len(self.baseline) <= 100 and self.baseline.isprintable()):
+            raise ParamError("baseline", f"must name an algorithm (1 to 100 printable characters), got {_show(self.baseline)}")
         if not self.kl_budgets:
             raise ParamError("kl_budgets", "must list at least one KL budget")
         for b in self.kl_budgets:

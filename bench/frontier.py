@@ -1,8 +1,9 @@
-"""Reward-vs-KL frontiers and their statistics: Pareto fronts, area under them, the Gao et al. (2022)
-functional forms, and confidence intervals over seeds.
+"""Reward-vs-KL frontiers and their statistics: Pareto fronts, area under them, their cross-fitted
+versions (select on one half of the eval prompts, score on the other), the Gao et al. (2022)
+functional forms, and confidence intervals over seeds (unpaired, and paired by seed).
 
 Pure functions over numpy arrays: no plotting, no files. KL is KL(π‖π_ref) in nats per sequence;
-rewards are the env's gold reward per completion (mean over the evaluation).
+rewards are the env's gold reward per completion (mean over the evaluation, or over one half of it).
 """
 
 from __future__ import annotations
@@ -52,27 +53,82 @@ def area_under_front(kl, gold, budget: float, floor: float | None = None) -> flo
     """∫₀^budget f(k) dk in gold·nats, f(k) = the highest gold among points with KL ≤ k.
 
     The front is a staircase: between two of its points the reachable reward is that of the left one
-    (no interpolation a sweep did not show). Below the front's first point f = `floor` (the SFT
-    reward: every algorithm can stay at the reference); without a floor the area is nan unless the
-    front starts at KL 0.
+    (no interpolation a sweep did not show). KL is clipped at 0: a k1 estimate below 0 is noise around
+    0, not room on the axis. Below the front's first point f = `floor` (the SFT reward: every
+    algorithm can stay at the reference); without a floor the area is nan unless the front starts at
+    KL 0. The in-sample case of `crossfit_area` (both halves the same).
     """
-    k, g, _ = _finite(kl, gold)
+    kl, gold = np.asarray(kl, dtype=float), np.asarray(gold, dtype=float)
+    return crossfit_area((kl, kl), (gold, gold), budget, None if floor is None else (floor, floor))
+
+
+# ---- cross-fitting: select on one half of the eval prompts, score on the other ------------------------
+# Picking the best of many noisy points and reporting that same point's value is optimistic (the
+# winner's curse), the more so the more candidates an algorithm has. With the evaluation split in two
+# halves of prompts, a point chosen on half 0 and read on half 1 is unbiased for what was chosen; the
+# two directions are averaged. A pair (h0, h1) of arrays, one value per point, is a `Halves`.
+
+Halves = tuple  # (values on half 0, values on half 1): two arrays aligned by point, or two floats (a floor)
+
+
+def selected(kl, gold, at) -> np.ndarray:
+    """For each budget in `at` (nats): the index of the point with the highest gold among those with
+    KL ≤ budget (ties: least KL, then the first), −1 when none is. KL is clipped at 0."""
+    at = np.atleast_1d(np.asarray(at, dtype=float))
+    k = np.maximum(np.asarray(kl, dtype=float), 0.0)  # nan stays nan and is ignored
+    front = pareto_front(k, gold)  # the last front point with KL ≤ budget is the one selected
+    if len(front) == 0:
+        return np.full(len(at), -1)
+    j = np.searchsorted(k[front], at, side="right") - 1
+    return np.where(j >= 0, front[np.maximum(j, 0)], -1)
+
+
+def _read(index: np.ndarray, values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return np.where(index >= 0, values[np.maximum(index, 0)] if len(values) else np.nan, np.nan)
+
+
+def _with_floor(kl: Halves, gold: Halves, floor: Halves | None) -> tuple[Halves, Halves]:
+    """The points with the reference added at KL 0 (its gold on each half): staying there is free."""
+    kl = tuple(np.asarray(k, dtype=float) for k in kl)
+    gold = tuple(np.asarray(g, dtype=float) for g in gold)
+    if floor is None:
+        return kl, gold
+    return tuple(np.r_[0.0, k] for k in kl), tuple(np.r_[float(f), g] for f, g in zip(floor, gold))
+
+
+def crossfit_curve(kl: Halves, gold: Halves, at, floor: Halves | None = None) -> np.ndarray:
+    """The cross-fitted staircase f(k) at each budget k in `at` (nats):
+
+        f(k) = ½ [ gold₁ at the point selected on half 0 within k + gold₀ at the point selected on half 1 within k ]
+
+    selection as in `selected` (highest gold on that half with that half's KL ≤ k). With `floor` (the SFT
+    reward on each half) the reference is a point at KL 0 every selection may pick. nan where a half
+    selects nothing.
+    """
+    (k0, k1), (g0, g1) = _with_floor(kl, gold, floor)
+    return (_read(selected(k0, g0, at), g1) + _read(selected(k1, g1, at), g0)) / 2
+
+
+def crossfit_best_within(kl: Halves, gold: Halves, budget: float) -> tuple[float, tuple[int, int]]:
+    """(f(budget) of `crossfit_curve` without a floor, (index selected on half 0, on half 1)); -1 for a
+    half that has no point within the budget, and then the value is nan."""
+    (k0, k1), (g0, g1) = _with_floor(kl, gold, None)
+    i0, i1 = int(selected(k0, g0, budget)[0]), int(selected(k1, g1, budget)[0])
+    return float((_read(np.array([i0]), g1)[0] + _read(np.array([i1]), g0)[0]) / 2), (i0, i1)
+
+
+def crossfit_area(kl: Halves, gold: Halves, budget: float, floor: Halves | None = None) -> float:
+    """∫₀^budget f(k) dk in gold·nats, f the cross-fitted staircase of `crossfit_curve` (KL clipped at
+    0, the reference at KL 0 when `floor` is given). nan when f is undefined somewhere below the budget
+    (no floor and a half with no point at KL 0)."""
     if budget <= 0:
         return 0.0
-    front = pareto_front(k, g)
-    fk, fg = k[front], g[front]
-    fk, fg = fk[fk <= budget], fg[fk <= budget]
-    if len(fk) == 0 or fk[0] > 0:
-        if floor is None:
-            return float("nan")
-        start = budget if len(fk) == 0 else fk[0]
-        area = floor * start
-    else:
-        area = 0.0
-    if floor is not None:  # a front below the floor is lifted to it: staying at the reference is free
-        fg = np.maximum(fg, floor)
-    edges = np.append(fk, budget)
-    return float(area + np.sum(fg * np.diff(edges)))
+    (k0, k1), _ = _with_floor(kl, gold, floor)
+    steps = np.maximum(np.r_[k0, k1], 0.0)
+    edges = np.unique(np.r_[0.0, steps[np.isfinite(steps) & (steps < budget)], budget])  # f is constant between
+    f = crossfit_curve(kl, gold, edges[:-1], floor)
+    return float(np.sum(f * np.diff(edges)))
 
 
 # ---- Gao, Schulman & Hilton (2022), "Scaling laws for reward model overoptimization" --------------
@@ -174,3 +230,14 @@ def diff_ci(a, b, level: float = 0.95) -> Estimate:
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + level / 2, df=df) * math.sqrt(va + vb))
     return Estimate(diff, half, min(len(a), len(b)), "t")
+
+
+def paired_diff_ci(base, other, level: float = 0.95) -> Estimate:
+    """mean(other − base) over paired values (the same seed: same env, pairs and reward model), with the
+    Student-t interval over the per-seed differences (n − 1 df). Pairs with a non-finite side are dropped;
+    one pair gives the difference with no CI. What a seed does to both (its env, pairs, reward model)
+    cancels in the difference, so the interval is narrower than Welch's (`diff_ci`) when the two move
+    together across seeds."""
+    base, other = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    d = (other - base)[np.isfinite(base) & np.isfinite(other)]
+    return mean_ci(d, level)  # one pair: its difference without a CI (no se is given); none: nan

@@ -15,11 +15,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from bench.frontier import gao_curve, mean_ci, pareto_front  # noqa: E402
+from bench.frontier import gao_curve, mean_ci  # noqa: E402
 
 plt.rcParams.update({"svg.hashsalt": "prefbench", "font.size": 10, "axes.titlesize": 11})
 
-KL_LABEL = "KL(π ‖ π_ref) at T = 1  (nats per sequence)"
+KL_LABEL = "KL(π ‖ π_ref) at T = 1  (nats per sequence; best-of-n: its upper bound log n − (n−1)/n)"
+BOUND_LABEL = "best-of-n's KL: the upper bound log n − (n−1)/n\n(Beirami et al. 2024); its true KL is lower"
 GOLD_LABEL = "gold reward  (env's, mean per completion)"
 STYLES = ["-", "--", ":", "-."]
 
@@ -44,12 +45,18 @@ def _ci(values) -> np.ndarray:
     return np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
 
 
-def _draw_front(ax, frame: pd.DataFrame, color, label: str, style: str = "-") -> None:
-    """The Pareto front of `frame`'s points, bold, its points joined by straight lines (the area in the
-    tables is the staircase under the same points: no reward between two points is claimed there)."""
-    front = frame.iloc[pareto_front(frame["kl"], frame["gold"])]
-    ax.errorbar(front["kl"], front["gold"], xerr=_ci(front["kl_ci"]), yerr=_ci(front["gold_ci"]), color=color, lw=2.2, ls=style, marker="o", ms=4.5,
-                capsize=2, elinewidth=0.9, label=label, zorder=3)
+def _draw_front(ax, steps: pd.DataFrame, right: float, color, label: str, style: str = "-", band: bool = True) -> None:
+    """An algorithm's front as the tables measure it (`bench.report.front_steps`): the cross-fitted staircase
+    f(k) = reward reachable with KL ≤ k, mean over seeds, bold, carried on flat to `right`; its CI over seeds
+    a light band. Its area to B is the table's mean area to B."""
+    if not len(steps):
+        return
+    kl = np.r_[steps["kl"].to_numpy(dtype=float), max(right, float(steps["kl"].iloc[-1]))]
+    gold = np.r_[steps["gold"].to_numpy(dtype=float), steps["gold"].iloc[-1]]
+    ax.step(kl, gold, where="post", color=color, lw=2.2, ls=style, label=label, zorder=3)
+    ci = np.r_[steps["gold_ci"].to_numpy(dtype=float), steps["gold_ci"].iloc[-1]]
+    if band and np.isfinite(ci).any():
+        ax.fill_between(kl, gold - ci, gold + ci, step="post", color=color, alpha=0.12, lw=0, zorder=2)
 
 
 def frontier_figure(run, summary):
@@ -80,24 +87,29 @@ def frontier_figure(run, summary):
             else:
                 ax.plot(traj["kl"], traj["gold"], color=color, alpha=0.35, marker="o", ms=3, ls="none", zorder=1)
         fit = summary.fits.get(algo)
-        label = algo
+        label = algo + ("  (KL: upper bound)" if algo in summary.bound else "")
         if fit is not None and np.isfinite(fit.alpha) and sft_gold is not None:
             d = np.linspace(0.0, np.sqrt(max(float(a["kl"].max()), 1e-6)), 200)
             ax.plot(d**2, sft_gold + gao_curve(d, fit.alpha, fit.beta, fit.form), color=color, ls="--", lw=1.1,
                     alpha=0.85, zorder=2)
-            label = f"{algo}  (Gao {fit.form}: α={fit.alpha:.3f}, β={fit.beta:.3f})"
-        _draw_front(ax, a, color, label)
+            label += f"  (Gao {fit.form}: α={fit.alpha:.3f}, β={fit.beta:.3f})"
+        _draw_front(ax, summary.fronts.get(algo, pd.DataFrame()), top, color, label)
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color="0.4", alpha=0.35, lw=1, marker="o", ms=2.5),
                 Line2D([], [], color="0.4", ls="--", lw=1.1)]
-    labels += ["training trajectories (every evaluation)", "Gao et al. (2022) fit"]
+    labels += ["training trajectories (every evaluation, full sample)", "Gao et al. (2022) fit"]
+    if summary.bound:
+        handles.append(Line2D([], [], ls="none"))
+        labels.append(BOUND_LABEL)
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     ax.set_xlabel(KL_LABEL)
     ax.set_ylabel(GOLD_LABEL)
     ax.set_xlim(left=-0.03 * max(top, 1.0))
     seeds = int(run.trials["seed"].nunique()) if len(run.trials) else 0
-    ax.set_title(f"Reward vs KL frontier — suite {run.suite}, env {run.env}, {seeds} seed{'s' * (seeds != 1)}; "
-                 f"bold: Pareto front, bars: {level:.0%} CI")
+    front = ("cross-fitted front (selected on one half of the prompts, scored on the other)" if summary.crossfit
+             else "in-sample front (no half-sample columns in this run)")
+    ax.set_title(f"Reward vs KL frontier — suite {run.suite}, env {run.env}, {seeds} seed{'s' * (seeds != 1)}\n"
+                 f"bold: {front}, band: {level:.0%} CI")
     ax.grid(alpha=0.25)
     fig.tight_layout()
     return fig
@@ -111,10 +123,10 @@ def temperature_figure(run, summary):
     for i, algo in enumerate(shown):
         est = summary.metrics[algo]
         dodge = (i - (len(shown) - 1) / 2) * 0.01  # side by side, so that the CI bars stay apart
-        value, kl, inside = summary.chosen[algo]
         knob = summary.knob_label(algo)
-        where = "" if inside else f", over {run.settings.temperature_kl_budget:g} nats"
-        label = f"{algo} ({knob + '; ' if knob != '–' else ''}KL {kl:.1f}{where})" if algo != "sft" else "SFT (the reference)"
+        where = "" if summary.chosen_inside(algo) else f", over {run.settings.temperature_kl_budget:g} nats"
+        kl = summary.chosen_kl(algo, digits=1)
+        label = f"{algo} ({knob + '; ' if knob != '–' else ''}KL {kl}{where})" if algo != "sft" else "SFT (the reference)"
         for ax, key in ((ax_win, "win"), (ax_gold, "gold")):
             ys = [est.get(f"{key}@T={t:g}") for t in temps]
             ax.errorbar(temps + dodge, [y.mean if y else np.nan for y in ys], yerr=_ci([y.ci if y else np.nan for y in ys]),
@@ -145,6 +157,7 @@ def temperature_figure(run, summary):
 def compare_figure(runs, summaries, labels: list[str]):
     fig, ax = plt.subplots(figsize=(10, 5.8))
     palette = colors(list(dict.fromkeys(a for s in summaries for a in s.algorithms)))
+    right = max([float(np.nanmax(s.points["kl"])) for s in summaries if len(s.points)] or [1.0])
     for i, (run, summary, label) in enumerate(zip(runs, summaries, labels)):
         agg = aggregate_points(summary.points, run.settings.confidence)
         for algo, color in palette.items():
@@ -155,11 +168,12 @@ def compare_figure(runs, summaries, labels: list[str]):
                 ax.plot(0.0, a["gold"].mean(), marker="*", ms=12, color="black", alpha=1 - 0.3 * i, ls="none",
                         label=f"SFT — {label}")
             else:
-                _draw_front(ax, a, color, f"{algo} — {label}", style=STYLES[i % len(STYLES)])
+                _draw_front(ax, summary.fronts.get(algo, pd.DataFrame()), right, color, f"{algo} — {label}",
+                            style=STYLES[i % len(STYLES)], band=False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
     ax.set_xlabel(KL_LABEL)
     ax.set_ylabel(GOLD_LABEL)
-    ax.set_title("Pareto fronts side by side (line style: run; bars: CI over seeds)")
+    ax.set_title("Fronts side by side (line style: run; each as its report measures it, mean over seeds)")
     ax.grid(alpha=0.25)
     fig.tight_layout()
     return fig

@@ -43,6 +43,40 @@ def _plain(text: str, value=None) -> Cell:
     return (text, text if value is None else value)
 
 
+def starred(e: Estimate | None, digits: int = 3) -> Cell:
+    """fmt(e) with " *" where its CI excludes 0."""
+    text, value = fmt(e, digits)
+    return (text + " *", value) if e is not None and e.ci == e.ci and abs(e.mean) > e.ci else (text, value)
+
+
+BOUND_NOTE = ("Best-of-n's KL is the upper bound log n − (n−1)/n on KL(π_bon‖π_ref) (Beirami et al. 2024, "
+              "\"Theoretical guarantees on the best-of-n alignment policy\"), not its exact KL; the frontier keeps "
+              "best-of-n at the bound, which is conservative for best-of-n")
+
+
+def selection_rule(summary) -> str:
+    """How the best points were selected and scored: cross-fitted, or in-sample for a run without halves."""
+    if summary.crossfit:
+        return ("Cross-fitted against the winner's curse of picking the best of many noisy points (and algorithms "
+                "have different numbers of them): the evaluation prompts are split in two halves (even / odd "
+                "index); a point is selected on one half (highest gold reward with that half's KL ≤ B, ties by "
+                "least KL) and its gold reward read on the other half, the two directions averaged. The area is "
+                "the integral from 0 to B of that same cross-fitted staircase (KL clipped at 0, floored at the "
+                "SFT reward, whose value on each half comes from its own halves). Cross-fitted values need not grow "
+                "with B: a larger budget can admit a point that is best on one half only.")
+    return ("In-sample: this run's evals.parquet has no half-sample columns (written before cross-fitting), so "
+            "each best point is selected and scored on the same full evaluation (KL clipped at 0 in the areas) — "
+            "optimistic, the more so the more candidate points an algorithm has.")
+
+
+def _estimate_range(configs: pd.DataFrame) -> str:
+    """ "; plug-in estimate of its true KL: a–b nats over its n" where configs has kl_est for bound rows."""
+    if not len(configs) or "kl_est" not in configs:
+        return ""
+    est = [r["kl_est"].mean for _, r in configs.iterrows() if r["kl_kind"] == "bound" and r["kl_est"].mean == r["kl_est"].mean]
+    return f"; a plug-in estimate of its true KL gives {min(est):.2f}–{max(est):.2f} nats over its n (configuration table)" if est else ""
+
+
 def tables(summary, configs: pd.DataFrame) -> list[Table]:
     run, s = summary.run, summary.run.settings
     level = f"{s.confidence:.0%}"
@@ -57,12 +91,14 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
                     + [fmt(m.get(f"best_gold@{b:g}")) for b in budgets]
                     + [fmt(m.get(f"area@{b:g}")) for b in budgets]
                     + [_plain(form), fmt(m.get("gao_alpha")), fmt(m.get("gao_beta")), fmt(m.get("gao_r2"), 2)])
+    bound = f" {BOUND_NOTE}{_estimate_range(configs)}." if summary.bound else ""
     out.append(Table(
         "frontier", "Reward vs KL frontier",
         f"Best gold reward among each algorithm's evaluations at T = 1 with KL(π‖π_ref) ≤ B nats (any knob value, "
-        f"any step), and the area under its Pareto front from 0 to B (gold·nats, staircase, floored at the SFT "
-        f"reward). Gao et al. (2022) forms fitted per seed to (d = √KL, gold − SFT gold): {FORMS['bon']} where KL is "
-        f"analytic (best-of-n), {FORMS['rl']} otherwise (the plot draws the fit to all seeds' points at once). "
+        f"any step), and the area under its front from 0 to B (gold·nats, staircase, floored at the SFT "
+        f"reward). {selection_rule(summary)}{bound} Gao et al. (2022) forms fitted per seed to (d = √KL, gold − SFT "
+        f"gold, full sample): {FORMS['bon']} where KL is best-of-n's bound, {FORMS['rl']} otherwise (the plot draws "
+        f"the fit to all seeds' points at once). "
         f"± is the {level} CI over seeds (Student t); with one seed, the normal CI of the evaluation's own "
         f"standard error where there is one.",
         ["algorithm", "seeds"] + [f"best gold, KL ≤ {b:g}" for b in budgets] + [f"area to {b:g}" for b in budgets]
@@ -72,20 +108,26 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
     for algo, m in summary.metrics.items():
         if algo not in summary.chosen:
             continue
-        _, kl, inside = summary.chosen[algo]
-        knob = summary.knob_label(algo) + ("" if inside else " (over budget)")
-        rows.append([_plain(algo), _plain(knob), (f"{kl:.2f}", kl)]
+        knob = summary.knob_label(algo) + ("" if summary.chosen_inside(algo) else " (over budget)")
+        kl = sum(c.kl for c in summary.chosen[algo]) / 2
+        rows.append([_plain(algo), _plain(knob), (summary.chosen_kl(algo), kl)]
                     + [fmt(m.get(f"win@T={t:g}")) for t in summary.temps] + [fmt(m.get("temp_spread"))]
                     + [fmt(m.get(f"gold@T={t:g}")) for t in (summary.temps[0], summary.temps[-1])])
     t0, t1 = summary.temps[0] if summary.temps else 0, summary.temps[-1] if summary.temps else 1
     out.append(Table(
         "temperature", "Temperature robustness",
         f"Each algorithm at its chosen point: the knob value whose final evaluation (mean over seeds) has the highest "
-        f"gold reward at T = 1 with KL ≤ {s.temperature_kl_budget:g} nats (else its least divergent one, marked). "
+        f"gold reward at T = 1 with KL ≤ {s.temperature_kl_budget:g} nats (else its least divergent one, marked), "
+        + ("selected on one half of the evaluation prompts and read on the other, both directions averaged "
+           "(\"a / b\": the two halves chose differently). " if summary.crossfit else
+           "selected in-sample (this run has no half-sample columns). ") +
+        f"KL at T = 1: the full-sample mean (≤: best-of-n's bound). "
         f"Win rate against the env's reference completions, judged by the gold reward (ties ½), at each sampling "
         f"temperature; spread = max − min of the win rate over temperatures (per seed, then averaged). ± {level} CI.",
         ["algorithm", "chosen point", "KL at T=1"] + [f"win T={t:g}" for t in summary.temps] + ["spread"]
         + [f"gold T={t0:g}", f"gold T={t1:g}"], rows))
+
+    out.append(paired_table(summary))
 
     rows = []
     for algo, m in summary.metrics.items():
@@ -101,19 +143,50 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
 
     rows = []
     temp_cols = [c for c in configs.columns if c.startswith("gold@T=")] if len(configs) else []
+    estimated = bool(len(configs)) and any(r["kl_est"].mean == r["kl_est"].mean for _, r in configs.iterrows())
     for _, r in configs.iterrows():
         knob = f"{r['knob']}={r['knob_value']:g}" if r["knob"] and r["knob_value"] == r["knob_value"] else "–"
+        kl_text, kl_value = fmt(r["kl"], 2)
+        kl = ("≤ " + kl_text if r["kl_kind"] == "bound" and kl_value == kl_value else kl_text, kl_value)
         rows.append([_plain(r["algorithm"]), _plain(knob, _num(r["knob_value"]) if knob != "–" else knob),
-                     _plain(str(r["seeds"]), r["seeds"]), fmt(r["gold"]), fmt(r["kl"], 2), fmt(r["win"]),
-                     (f"{r['gen_len']:.1f}", r["gen_len"])] + [fmt(r[c]) for c in temp_cols])
+                     _plain(str(r["seeds"]), r["seeds"]), fmt(r["gold"]), kl]
+                    + ([fmt(r["kl_est"], 2), fmt(r["dup_rate"], 2)] if estimated else [])
+                    + [fmt(r["win"]), (f"{r['gen_len']:.1f}", r["gen_len"])] + [fmt(r[c]) for c in temp_cols])
     out.append(Table(
         "configs", "Every configuration (final evaluation)",
-        f"Each algorithm × knob value at the end of training: gold reward, KL (nats, k1 estimate) and win rate at "
-        f"T = 1, mean completion length (tokens), gold reward at each temperature. ± {level} CI over seeds "
-        f"(one seed: the evaluation's standard error, clustered by prompt, × 1.96).",
-        ["algorithm", "knob", "seeds", "gold (T=1)", "KL (nats)", "win rate (T=1)", "length"]
-        + [c.replace("gold@", "gold ") for c in temp_cols], rows))
+        f"Each algorithm × knob value at the end of training: gold reward, KL (nats, k1 estimate; ≤: best-of-n's "
+        f"upper bound log n − (n−1)/n) and win rate at T = 1, mean completion length (tokens), gold reward at each "
+        f"temperature."
+        + (" KL est.: a plug-in estimate of best-of-n's true KL; duplicates: the share of its N samples per prompt "
+           "that duplicate another sample of the same prompt (the more there are, the more the bound overstates "
+           "the KL)." if estimated else "")
+        + f" ± {level} CI over seeds (one seed: the evaluation's standard error, clustered by prompt, × 1.96).",
+        ["algorithm", "knob", "seeds", "gold (T=1)", "KL (nats)"] + (["KL est. (nats)", "duplicates"] if estimated else [])
+        + ["win rate (T=1)", "length"] + [c.replace("gold@", "gold ") for c in temp_cols], rows))
     return out
+
+
+def paired_table(summary) -> Table:
+    """Per algorithm, Δ vs the baseline (per seed, then over seeds) of best gold and area per KL budget."""
+    s = summary.run.settings
+    budgets, base = s.kl_budgets, s.baseline
+    rows = []
+    for algo, m in summary.paired.items():
+        n = m[f"best_gold@{budgets[0]:g}"].n
+        rows.append([_plain(algo), _plain(str(n), n)] + [starred(m.get(f"best_gold@{b:g}")) for b in budgets]
+                    + [starred(m.get(f"area@{b:g}")) for b in budgets])
+    if summary.paired or base in summary.metrics:
+        note = (f"Per seed, algorithm − {base} (the baseline, report.baseline) of the best gold reward with KL ≤ B "
+                f"and of the area to B, as in the frontier table; the seeds share env, preference pairs and reward "
+                f"model, so the difference is taken per seed and ± is the {s.confidence:.0%} Student-t CI over the "
+                f"seed differences (n − 1 df; one seed: no CI); * where it excludes 0. Narrower than the two "
+                f"unpaired CIs of the frontier table where the algorithms move together across seeds.")
+    else:
+        note = (f"No paired comparison: the baseline {base} (report.baseline) is not in this run; set "
+                f"report.baseline (or --baseline) to one of {', '.join(summary.metrics) or '–'}.")
+    return Table("paired", f"Paired differences vs {base}", note,
+                 ["algorithm", "seeds"] + [f"Δ best gold, KL ≤ {b:g}" for b in budgets]
+                 + [f"Δ area to {b:g}" for b in budgets], rows)
 
 
 # ---- markdown ------------------------------------------------------------------------------------------
@@ -129,9 +202,11 @@ def _headline(summary) -> str:
     run = summary.run
     ok = int((run.trials["status"] == "ok").sum())
     seeds = sorted(int(x) for x in run.trials["seed"].unique()) if len(run.trials) else []
+    selection = ("best points cross-fitted on two halves of the eval prompts (selected on one, scored on the other)"
+                 if summary.crossfit else "best points selected in-sample (no half-sample columns in this run)")
     return (f"{ok}/{len(run.trials)} trials ok, seeds {', '.join(map(str, seeds)) or '–'}; {len(run.evals)} evaluation "
-            f"rows. KL is KL(π‖π_ref) in nats per sequence (k1 estimate; best-of-n: analytic); gold reward is the "
-            f"env's, mean per completion.")
+            f"rows. KL is KL(π‖π_ref) in nats per sequence (k1 estimate; best-of-n: the upper bound log n − (n−1)/n); "
+            f"gold reward is the env's, mean per completion; {selection}.")
 
 
 def markdown(summary, tables_: list[Table]) -> str:
@@ -170,6 +245,12 @@ def summary_csv(summary) -> str:
             row[f"{key}_n"] = e.n
         fit = summary.fits.get(algo)
         row["gao_form_pooled"], row["gao_r2_pooled"] = (fit.form, fit.r2) if fit else ("", float("nan"))
+        row["selection"] = "crossfit" if summary.crossfit else "in-sample"
+        row["paired_baseline"] = summary.run.settings.baseline
+        for key, e in summary.paired.get(algo, {}).items():  # Δ vs the baseline, per seed then over seeds
+            row[f"delta_{key}"] = e.mean
+            row[f"delta_{key}_ci95" if summary.run.settings.confidence == 0.95 else f"delta_{key}_ci"] = e.ci
+            row[f"delta_{key}_n"] = e.n
         rows.append(row)
     return pd.DataFrame(rows).to_csv(index=False, float_format="%.6g")
 
@@ -192,7 +273,8 @@ def configs_csv(configs: pd.DataFrame) -> str:
 _TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≤": r"$\le$",
         "π": r"$\pi$", "‖": r"$\|$", "α": r"$\alpha$", "β": r"$\beta$", "·": r"$\cdot$", "−": "-", "–": "--",
-        "²": r"$^2$", "√": r"$\surd$", "½": r"$\frac{1}{2}$", "×": r"$\times$", "→": r"$\to$"}
+        "²": r"$^2$", "√": r"$\surd$", "½": r"$\frac{1}{2}$", "×": r"$\times$", "→": r"$\to$",
+        "Δ": r"$\Delta$", "—": "---"}
 
 
 def tex_escape(text: str) -> str:
@@ -303,7 +385,7 @@ def html(summary, tables_: list[Table], images: dict[str, bytes]) -> str:
 # ---- prefbench compare ------------------------------------------------------------------------------------
 
 
-def compare_markdown(labels: list[str], rows: list[dict], runs) -> str:
+def compare_markdown(labels: list[str], rows: list[dict], runs, paired: list[dict] = ()) -> str:
     level = f"{runs[0].settings.confidence:.0%}"
     lines = ["# prefbench compare", ""]
     lines += [f"- **{name}**: {run.out} (suite `{run.suite}`, env `{run.env}`, "
@@ -322,11 +404,20 @@ def compare_markdown(labels: list[str], rows: list[dict], runs) -> str:
             cells.append(text)
         if len(labels) > 1:
             d = row.get("diff")
-            text = fmt(d)[0] if d is not None else "–"
-            if d is not None and d.ci == d.ci and abs(d.mean) > d.ci:
-                text += " *"
-            cells.append(text)
+            cells.append(starred(d)[0] if d is not None else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Paired differences vs each run's baseline", ""]
+    bases = ", ".join(f"{name}: {run.settings.baseline}" for name, run in zip(labels, runs))
+    missing = [name for name, run in zip(labels, runs) if not (run.evals["algorithm"] == run.settings.baseline).any()]
+    lines += [f"Within each run, per seed, algorithm − baseline ({bases}; the seeds share env, pairs and reward "
+              f"model), mean ± {level} Student-t CI over the seed differences; * where it excludes 0."
+              + (f" The baseline is not in {', '.join(missing)}: no paired comparison there." if missing else ""), ""]
+    if paired:
+        lines += ["| " + " | ".join(["algorithm", "metric"] + labels) + " |", "|" + "---|" * (len(labels) + 2)]
+        lines += ["| " + " | ".join([row["algorithm"], row["metric"]]
+                                    + [starred(row[name])[0] for name in labels]) + " |" for row in paired]
+    else:
+        lines.append("(none)")
     return "\n".join(lines) + "\n"
 
 

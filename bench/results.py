@@ -126,7 +126,9 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
             "summary": json.dumps(summary.get("algorithm_summary", {}), sort_keys=True),
         })
     evals = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame(columns=EVAL_COLUMNS)
-    evals = evals[EVAL_COLUMNS + [c for c in evals.columns if c not in EVAL_COLUMNS]]
+    # a column a trial's rows lack (written by an older prefbench, resumed) is NaN: the report then
+    # falls back to what those rows have (in-sample selection without the halves)
+    evals = evals.reindex(columns=EVAL_COLUMNS + [c for c in evals.columns if c not in EVAL_COLUMNS])
     evals["knob_value"] = evals["knob_value"].astype("float64")
     trials_df = pd.DataFrame(trial_rows, columns=TRIAL_COLUMNS)
     write_parquet(evals, out / "evals.parquet")

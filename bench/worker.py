@@ -33,7 +33,7 @@ from envs import ENVS
 from envs.base import GoldRewardError, gold_fn, load_env_data
 
 Report = Callable[..., None]  # report(metrics, checkpoint=None): checkpoint is a local directory to persist
-REFERENCE_EVAL_FORMAT = 3  # part of the cache key of reference evaluations: bump when the evaluator changes
+REFERENCE_EVAL_FORMAT = 4  # part of the cache key of reference evaluations: bump when the evaluator changes
 
 
 def _quiet() -> None:
@@ -231,6 +231,31 @@ def _read_json(path: Path):
         return None
 
 
+def algorithm_cache(workdir: Path, scope: dict, rank: int, world: int) -> Callable[[str, Callable[[], dict]], dict]:
+    """`TrainContext.cache`: JSON files under `workdir/algorithm_cache/`, one per (scope, key), e.g. PPO's
+    reward statistics of reference samples, computed by the first trial that asks and read by the rest.
+
+    `scope` names what the env dir does not (the trial's reward model). Rank 0 reads; on a miss every
+    rank computes (compute may use collectives) and every rank takes rank 0's value, which rank 0
+    writes atomically (two trials racing write the same value). An unreadable file is computed again.
+    """
+    def cache(key: str, compute: Callable[[], dict]) -> dict:
+        name = hashlib.sha256(json.dumps({"key": key, **scope}, sort_keys=True).encode()).hexdigest()[:16]
+        path = workdir / "algorithm_cache" / f"{name}.json"
+        entry = _read_json(path) if rank == 0 else None
+        hit = entry["value"] if isinstance(entry, dict) and entry.get("key") == key and "value" in entry else None
+        hit = _all_gather(hit, world)[0]  # rank 0 decides, so every rank takes the same branch
+        if hit is not None:
+            return hit
+        value = _all_gather(compute(), world)[0]
+        if rank == 0:
+            path.parent.mkdir(exist_ok=True)
+            write_text_atomic(path, json.dumps({"key": key, **scope, "value": value}, sort_keys=True))
+        return value
+
+    return cache
+
+
 def _all_gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -417,8 +442,13 @@ def _run_trial(payload: dict, report: Report) -> None:
         policy = env.load_policy(workdir, "sft")
         policy.model.to(device)
         trainables = [policy]
-        if "critic" in algo.needs:  # the SFT backbone with a zero value head, stepped with the policy
-            critic = ScalarModel.from_pretrained(workdir / "sft", zero_head=True).to(device)
+        if "critic" in algo.needs:  # stepped with the policy, in the same engine
+            # from the shared reward model, backbone and head, where the trial has one (TRL, OpenRLHF);
+            # otherwise (ppo-gt, or params `critic_init: sft`) the SFT backbone with a zero value head
+            if reward_model is not None and getattr(params, "critic_init", "reward_model") == "reward_model":
+                critic = ScalarModel.from_pretrained(Path(payload["rm_dir"]) / "model").to(device)
+            else:
+                critic = ScalarModel.from_pretrained(workdir / "sft", zero_head=True).to(device)
             trainables.append(critic)
         optimize = wrap_with_deepspeed(trainables, train, suite.deepspeed, world)
 
@@ -536,6 +566,8 @@ def _run_trial(payload: dict, report: Report) -> None:
         seed=spec.seed, rank=rank, world_size=world, max_new_tokens=ev.max_new_tokens,
         mean_over_ranks=lambda m: _mean_over_ranks(m, world),
         start_step=resume["step"] if resume else 0, state=dict(resume["algorithm_state"]) if resume else {},
+        cache=algorithm_cache(
+            workdir, {"reward_model": Path(payload["rm_dir"]).name if reward_model is not None else None}, rank, world),
     )
     if resume:
         report({"trial_id": spec.trial_id, "resumed_from": resume["step"]})

@@ -61,8 +61,61 @@ def test_clipped_value_loss():
 def test_kl_estimators():
     logp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])
     assert float(kl_penalty(logp, ref, "k1")) == pytest.approx(0.5)
+    assert float(kl_penalty(logp, ref, "k2")) == pytest.approx(0.5 * 0.5**2)
     assert float(kl_penalty(logp, ref, "k3")) == pytest.approx(np.exp(-0.5) - 1 + 0.5)
     assert float(kl_penalty(ref, logp, "k3")) >= 0
+
+
+def _categorical_gradients(estimator: str, placement: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact expected gradients over a 6-outcome categorical π_θ = softmax(θ) against a fixed π_ref,
+    by enumeration (no sampling noise): (the estimator's, ∇ KL(π‖π_ref), ∇ KL(π_ref‖π)). Samples
+    y ~ π are not differentiated through: a loss term gives E_π[∇ k]; a reward penalty, through the
+    policy gradient, E_π[k ∇ log π]."""
+    gen = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), 0)
+
+    def grad(f) -> np.ndarray:
+        return torch.autograd.grad(f(torch.log_softmax(theta, 0)), theta)[0].numpy()
+
+    k = lambda logp: kl_penalty(logp, ref, estimator)
+    if placement == "loss":
+        estimate = grad(lambda logp: (logp.exp().detach() * k(logp)).sum())
+    else:
+        estimate = grad(lambda logp: (logp.exp() * k(logp).detach()).sum())
+    forward = grad(lambda logp: (logp.exp() * (logp - ref)).sum())
+    reverse = grad(lambda logp: (ref.exp() * (ref - logp)).sum())
+    assert np.abs(forward - reverse).max() > 0.05  # the two KLs' gradients differ here: the test can tell them apart
+    return estimate, forward, reverse
+
+
+def test_each_estimator_as_a_loss_has_the_expected_gradient_of_its_kl():
+    k1, forward, reverse = _categorical_gradients("k1", "loss")
+    assert np.abs(k1).max() < 1e-12  # E_π[∇ log π] = 0: k1 as a loss regularises nothing
+    assert np.abs(forward).max() > 0.05
+    k2, forward, _ = _categorical_gradients("k2", "loss")
+    np.testing.assert_allclose(k2, forward, atol=1e-12)  # ∇ KL(π‖π_ref)
+    k3, _, reverse = _categorical_gradients("k3", "loss")
+    np.testing.assert_allclose(k3, reverse, atol=1e-12)  # ∇ KL(π_ref‖π)
+
+
+def test_each_estimator_as_a_reward_penalty_has_the_policy_gradient_the_docstring_says():
+    k1, forward, reverse = _categorical_gradients("k1", "per_token")
+    np.testing.assert_allclose(k1, forward, atol=1e-12)  # ∇ KL(π‖π_ref), via the score function
+    k3, _, _ = _categorical_gradients("k3", "per_token")
+    np.testing.assert_allclose(k3, forward - reverse, atol=1e-12)  # neither KL: their difference
+
+
+def test_k1_as_a_loss_term_is_rejected():
+    with pytest.raises(ParamError, match="kl_estimator: 'k1' as a loss term .* zero expected gradient"):
+        PPOParams(kl_placement="loss", kl_estimator="k1")
+    PPOParams(kl_placement="loss", kl_estimator="k2")
+    PPOParams(kl_placement="loss", kl_estimator="k3")
+    PPOParams(kl_placement="per_token", kl_estimator="k1")
+    with pytest.raises(ParamError, match="kl_estimator"):
+        PPOParams(kl_estimator="k4")
+    with pytest.raises(ParamError, match="critic_init"):
+        PPOParams(critic_init="random")
 
 
 def test_adaptive_controller_moves_toward_target():
@@ -86,12 +139,12 @@ def test_params_validation_and_registration():
 class WordRM:
     """A stand-in learned reward: +1 per 'good' in the completion."""
 
-    def score(self, prompts, completions, batch_size=512):
+    def score(self, prompts, completions, ended=None, batch_size=512):
         return np.array([c.split().count("good") for c in completions], dtype=float)
 
 
-@pytest.mark.parametrize("placement", ["per_token", "loss"])
-def test_short_ppo_run_raises_the_reward_and_moves_the_policy(policy, tiny_env_dir, placement):
+@pytest.mark.parametrize("placement,estimator", [("per_token", "k1"), ("loss", "k2")])
+def test_short_ppo_run_raises_the_reward_and_moves_the_policy(policy, tiny_env_dir, placement, estimator):
     torch.manual_seed(0)
     reference = policy.frozen_copy()
     critic = ScalarModel.from_pretrained(tiny_env_dir / "init", zero_head=True)
@@ -101,7 +154,8 @@ def test_short_ppo_run_raises_the_reward_and_moves_the_policy(policy, tiny_env_d
     logs = []
     evaluations = []
     ctx = TrainContext(
-        policy=policy, reference=reference, params=PPOParams(kl_coef=0.01, kl_placement=placement), train=train,
+        policy=policy, reference=reference, train=train,
+        params=PPOParams(kl_coef=0.01, kl_placement=placement, kl_estimator=estimator),
         data=EnvData(train_prompts=prompts, eval_prompts=[], pairs=pd.DataFrame(), references=pd.DataFrame()),
         optimize=plain_optimizer(policy, critic, train=train),
         evaluate=lambda sampler, step, final=False: evaluations.append((step, final)) or {},
@@ -114,3 +168,93 @@ def test_short_ppo_run_raises_the_reward_and_moves_the_policy(policy, tiny_env_d
     last = np.mean([m["objective/score"] for m in logs[-3:]])
     assert last > first + 0.3, (first, last)
     assert logs[-1]["objective/kl"] > 0  # it moved away from the reference to get there
+
+
+class SpyReference:
+    """A frozen reference that records its generate calls."""
+
+    def __init__(self, reference):
+        self.reference, self.calls = reference, []
+
+    def generate(self, prompts, **kw):
+        self.calls.append((list(prompts), kw))
+        return self.reference.generate(prompts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.reference, name)
+
+
+def _ppo_context(policy, tiny_env_dir, params, steps=2, **kw):
+    prompts = [f"the {w} was" for w in ("movie", "plot", "acting", "ending", "cast", "film", "story", "music")] * 3
+    train = TrainSettings(steps=steps, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=1000)
+    critic = ScalarModel.from_pretrained(tiny_env_dir / "init", zero_head=True)
+    logs = []
+    ctx = TrainContext(
+        policy=policy, reference=SpyReference(policy.frozen_copy()), params=params, train=train,
+        data=EnvData(train_prompts=prompts, eval_prompts=[], pairs=pd.DataFrame(), references=pd.DataFrame()),
+        optimize=plain_optimizer(policy, critic, train=train), evaluate=lambda sampler, step, final=False: {},
+        log=lambda step, m: logs.append(m), reward_model=WordRM(), critic=critic, max_new_tokens=6, **kw,
+    )
+    return ctx, logs
+
+
+def test_the_score_is_normalised_by_the_cached_reference_statistics(policy, tiny_env_dir):
+    calls = []
+
+    def cache(key, compute):
+        calls.append(key)
+        return {"mean": 0.25, "std": 0.5}
+
+    ctx, logs = _ppo_context(policy, tiny_env_dir, PPOParams(kl_coef=0.1, rollout_temperature=0.7), cache=cache)
+    summary = ALGORITHMS.get("ppo").train(ctx)
+    assert calls == ["ppo-reward-stats/reward_model/samples=24/temperature=0.7/max_new_tokens=6/seed=0"]  # once per trial
+    assert ctx.reference.calls == []  # a cache hit samples nothing
+    for m in logs:
+        assert m["objective/score_normalized"] == pytest.approx((m["objective/score"] - 0.25) / 0.5, abs=1e-6)
+        assert m["objective/reward"] == pytest.approx(m["objective/score_normalized"] - 0.1 * m["objective/kl"], abs=1e-6)
+    assert (summary["reward_norm_mean"], summary["reward_norm_std"]) == (0.25, 0.5)
+
+    calls.clear()
+    ctx, logs = _ppo_context(policy, tiny_env_dir, PPOParams(reward_norm=False), cache=cache)
+    ALGORITHMS.get("ppo").train(ctx)
+    assert calls == [] and all(m["objective/score_normalized"] == m["objective/score"] for m in logs)
+
+
+def test_the_reference_statistics_are_the_scores_of_seeded_reference_samples(policy, tiny_env_dir):
+    ctx, _ = _ppo_context(policy, tiny_env_dir, PPOParams(rollout_temperature=0.7, reward_norm_samples=16), steps=1)
+    algo = ALGORITHMS.get("ppo")
+    stats = algo._reward_stats(ctx)
+    [(prompts, kw)] = ctx.reference.calls  # one sample of the REFERENCE per prompt, at the rollout temperature
+    assert len(prompts) == 16 and set(prompts) <= set(ctx.data.train_prompts)
+    assert (kw["n"], kw["temperature"], kw["max_new_tokens"]) == (1, 0.7, 6)
+    roll = ctx.reference.reference.generate(prompts, **kw)
+    scores = WordRM().score(prompts, roll.completions)
+    assert stats == pytest.approx({"mean": scores.mean(), "std": scores.std(), "samples": 16})
+    assert algo._reward_stats(ctx) == stats  # seeded: every rank and every trial computes the same
+
+
+def test_zero_spread_reference_scores_are_a_clear_error(policy, tiny_env_dir):
+    ctx, _ = _ppo_context(policy, tiny_env_dir, PPOParams(), cache=lambda key, compute: {"mean": 1.0, "std": 0.0})
+    with pytest.raises(ValueError, match="all equal 1 .*set reward_norm: false"):
+        ALGORITHMS.get("ppo").train(ctx)
+
+
+def test_bench_cache_computes_once_per_key_and_scope_and_recomputes_a_corrupt_file(tmp_path):
+    from bench.worker import algorithm_cache
+
+    computed = []
+
+    def compute(value):
+        return lambda: computed.append(value) or {"mean": value}
+
+    first = algorithm_cache(tmp_path, {"reward_model": "rm-a"}, rank=0, world=1)
+    assert first("k", compute(1.0)) == {"mean": 1.0}
+    again = algorithm_cache(tmp_path, {"reward_model": "rm-a"}, rank=0, world=1)  # a later trial
+    assert again("k", compute(2.0)) == {"mean": 1.0} and computed == [1.0]
+    other_rm = algorithm_cache(tmp_path, {"reward_model": "rm-b"}, rank=0, world=1)
+    assert other_rm("k", compute(3.0)) == {"mean": 3.0}
+    assert again("k2", compute(4.0)) == {"mean": 4.0}
+    files = (tmp_path / "algorithm_cache").glob("*.json")
+    [path] = [p for p in files if '"rm-a"' in p.read_text() and '"key": "k"' in p.read_text()]
+    path.write_text("{not json")
+    assert again("k", compute(5.0)) == {"mean": 5.0} and computed == [1.0, 3.0, 4.0, 5.0]

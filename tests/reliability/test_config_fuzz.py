@@ -234,12 +234,13 @@ RANGES: dict[type, dict[str, st.SearchStrategy]] = {
           "gamma": floats(max_value=0) | floats(min_value=1, exclude_min=True),
           "lam": NEGATIVE | floats(min_value=1, exclude_min=True), "cliprange": NOT_POSITIVE,
           "cliprange_value": NOT_POSITIVE, "vf_coef": NEGATIVE, "ppo_epochs": ints(hi=0), "num_minibatches": ints(hi=0),
-          "rollout_temperature": NOT_POSITIVE, "rollout_chunk": ints(hi=0)},
+          "rollout_temperature": NOT_POSITIVE, "rollout_chunk": ints(hi=0), "reward_norm_samples": ints(hi=1)},
     BON: {"n": ints(hi=0)},
     UNLIKELIHOOD: {"alpha": NEGATIVE},
 }
 BOUNDED_ABOVE = {(ReportSettings, "confidence"), (RewardModelParams, "heldout_fraction"), (PPO, "gamma"), (PPO, "lam")}
-CHOICES = {(AlgorithmSpec, "search"): {"grid", "random"}, (PPO, "kl_estimator"): {"k1", "k3"},
+CHOICES = {(AlgorithmSpec, "search"): {"grid", "random"}, (PPO, "kl_estimator"): {"k1", "k2", "k3"},
+           (PPO, "critic_init"): {"reward_model", "sft"},
            (PPO, "kl_placement"): {"per_token", "sequence", "loss"},
            (PPO, "loss_aggregation"): {"token_mean", "sequence_mean"}}
 
