@@ -181,17 +181,18 @@ def _write(suite: SuiteConfig, seed: int, env_dir: Path, tmp: Path, dest: Path) 
     pd.DataFrame({"prompt": data.train_prompts}).to_parquet(tmp / "prompts.parquet", index=False)
     pd.DataFrame({"prompt": data.eval_prompts}).to_parquet(tmp / "eval_prompts.parquet", index=False)
     refs.to_parquet(tmp / "references.parquet", index=False)
-    same, total = _token_agreement(tmp / "sft", data.pairs)
+    same, total, cut = _token_agreement(tmp / "sft", data.pairs)
     if same < total:
         say(f"[prefbench] note: TRL's tokenisation of prompt + completion differs from prefbench's for "
             f"{total - same} of {total} pair completions (see README.md)")
     counts = {"pairs": len(pairs), "prompts": len(data.train_prompts), "eval_prompts": len(data.eval_prompts),
               "references": len(refs)}
-    (tmp / "README.md").write_text(_card(suite, seed, env_dir, dest, counts, (same, total)))
+    (tmp / "README.md").write_text(_card(suite, seed, env_dir, dest, counts, (same, total, cut)))
 
 
-def _token_agreement(sft_dir: Path, pairs: pd.DataFrame) -> tuple[int, int]:
-    """How many of the pairs' completions TRL tokenises exactly as prefbench trains on them.
+def _token_agreement(sft_dir: Path, pairs: pd.DataFrame) -> tuple[int, int, int]:
+    """(same, total, cut): how many of the pairs' completions TRL tokenises exactly as prefbench trains
+    on them, of how many, and how many were cut at max_new_tokens (no EOS for prefbench).
 
     prefbench: tokens(prompt, with special tokens) + tokens(completion, without) + EOS where the
     completion ended (`chosen_ended` / `rejected_ended`; algorithms.policy).
@@ -204,16 +205,17 @@ def _token_agreement(sft_dir: Path, pairs: pd.DataFrame) -> tuple[int, int]:
 
     policy = Policy(None, AutoTokenizer.from_pretrained(str(sft_dir)))  # tokenisation only: no model needed
     tok = policy.tokenizer
-    same = total = 0
+    same = total = cut = 0
     for column in ("chosen", "rejected"):
         prompts, completions = pairs["prompt"].tolist(), pairs[column].tolist()
         ended = ended_flags(pairs, column)
+        cut += 0 if ended is None else len(ended) - sum(ended)
         ours = [p + c for p, c in zip(policy.encode_prompts(prompts), policy.encode_completions(completions, ended=ended))]
         texts = [p + j + tok.eos_token for p, j in zip(prompts, _joined(pairs[column]))]
         theirs = tok(texts)["input_ids"]
         same += sum(a == list(b) for a, b in zip(ours, theirs))
         total += len(ours)
-    return same, total
+    return same, total, cut
 
 
 def _gold_text(env) -> str:
@@ -242,12 +244,13 @@ def _card(suite: SuiteConfig, seed: int, env_dir: Path, dest: Path, counts: dict
     run_section = {"env": {"name": suite.env.name, "params": params}, "seeds": [seed]}
     if suite.deepspeed.bf16:
         run_section["deepspeed"] = {"bf16": True}
-    same, total = agreement
+    same, total, cut = agreement
     tokens_line = (
         f"For this env the two agree on all {total} pair completions (checked at export)." if same == total else
-        f"For this env they differ on {total - same} of {total} pair completions (checked at export): a sub-word "
-        "tokenizer can merge the space with the completion's first word differently from tokenising the completion "
-        "on its own, so TRL trains on slightly different token ids than prefbench for those."
+        f"For this env they differ on {total - same} of {total} pair completions (checked at export): {cut} of them "
+        "were cut at `max_new_tokens` (TRL appends an EOS to those, prefbench does not), and a sub-word tokenizer can "
+        "merge the space with the completion's first word differently from tokenising the completion on its own, so "
+        "TRL trains on slightly different token ids than prefbench for the rest."
     )
     d = str(dest)
     return f"""---

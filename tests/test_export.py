@@ -22,9 +22,9 @@ E2E = str(Path(__file__).parent / "suites" / "e2e.yaml")
 E2E_PARAMS = ["num_reviews=1500", "sft_epochs=1", "num_train_prompts=100", "num_eval_prompts=32", "n_layer=2",
               "n_embd=64"]
 SETS = [a for p in E2E_PARAMS for a in ("--set", f"env.params.{p}")]
-FILES = {"pairs.parquet": ["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"],
+FILES = {"pairs.parquet": ["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold", "chosen_ended", "rejected_ended"],
          "prompts.parquet": ["prompt"], "eval_prompts.parquet": ["prompt"],
-         "references.parquet": ["prompt", "completion", "gold"]}
+         "references.parquet": ["prompt", "completion", "gold", "ended"]}
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,11 @@ def test_export_is_the_env_a_run_of_the_same_env_section_uses(exported):
     assert pd.read_parquet(out / "eval_prompts.parquet")["prompt"].tolist() == data.eval_prompts
     assert (out / "sft" / "model.safetensors").read_bytes() == (env_dir / "sft" / "model.safetensors").read_bytes()
     card = (out / "README.md").read_text()
+    cut = int((~pairs["chosen_ended"]).sum() + (~pairs["rejected_ended"]).sum())  # no EOS for prefbench, one for TRL
+    agree = (f"agree on all {2 * len(pairs)} pair completions" if cut == 0 else
+             f"differ on {cut} of {2 * len(pairs)} pair completions (checked at export): {cut} of them were cut")
     for text in ("tiny-sentiment", "num_reviews: 1500", "n_embd: 64", "seeds:\n- 0", str(env_dir),
-                 "VADER compound of prompt + completion, mapped from [-1, 1] to [0, 1]", "DPOTrainer(model=model",
-                 f"agree on all {2 * len(pairs)} pair completions"):
+                 "VADER compound of prompt + completion, mapped from [-1, 1] to [0, 1]", "DPOTrainer(model=model", agree):
         assert text in card, text
 
 
@@ -115,8 +117,12 @@ dpo.train()
 # the token ids TRL trained on vs those prefbench trains on (algorithms.policy conventions)
 ours = Policy(None, tokenizer)
 ds = dpo.train_dataset
-pb = [p + c for p, c in zip(ours.encode_prompts(pairs["prompt"]), ours.encode_completions([c.strip() for c in pairs["chosen"]]))]
+ended = pairs["chosen_ended"]
+pb = [p + c for p, c in zip(ours.encode_prompts(pairs["prompt"]),
+                            ours.encode_completions([c.strip() for c in pairs["chosen"]], ended=ended))]
 trl = [list(p) + list(c) for p, c in zip(ds["prompt_ids"], ds["chosen_ids"])]
+# the same ids, except that TRL appends an EOS to a completion cut at max_new_tokens and prefbench does not
+same = all(a == t if e else a + [tokenizer.eos_token_id] == t for a, t, e in zip(pb, trl, ended))
 rm = AutoModelForSequenceClassification.from_pretrained(f"{D}/sft", num_labels=1)
 rt = RewardTrainer(model=rm, args=RewardConfig(output_dir=f"{work}/rm", max_steps=2, **common), train_dataset=pairs,
                    processing_class=tokenizer)
@@ -125,7 +131,7 @@ dpo_logs = [r for r in dpo.state.log_history if "loss" in r]
 print(json.dumps({
     "dpo_loss": [r["loss"] for r in dpo_logs], "dpo_accuracy": [r.get("rewards/accuracies") for r in dpo_logs],
     "changed": sum(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "tensors": len(before),
-    "same_tokens": pb == trl, "rows": [len(pairs), len(ds)], "columns": pairs.column_names,
+    "same_tokens": same, "rows": [len(pairs), len(ds)], "columns": pairs.column_names,
     "rm_loss": [r["loss"] for r in rt.state.log_history if "loss" in r],
 }))
 """
@@ -146,7 +152,7 @@ def test_trl_dpo_and_reward_trainers_train_on_the_export_unchanged(exported, tmp
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["columns"] == FILES["pairs.parquet"]  # the gold columns ride along; TRL ignores them
     assert r["rows"][0] == r["rows"][1]  # TRL dropped no pair
-    assert r["same_tokens"]  # TRL's prompt + chosen string tokenises to exactly prefbench's ids
+    assert r["same_tokens"]  # TRL's prompt + chosen string tokenises to prefbench's ids (+ EOS where cut)
     assert len(r["dpo_loss"]) == 3 and all(math.isfinite(x) for x in r["dpo_loss"])
     assert r["dpo_loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert all(a is not None for a in r["dpo_accuracy"])
