@@ -390,7 +390,9 @@ def part_trl(cfg: PerfConfig) -> dict:
     pairs = pd.read_parquet(export / "pairs.parquet")[["prompt", "chosen", "rejected"]]
     dataset = Dataset.from_pandas(pairs, preserve_index=False)
     steps = cfg.steps + WARMUP_STEPS
-    # the export's strings are prefbench's (a word-level env's added leading space changes no ids): same count
+    # the export's strings are prefbench's (a word-level env's added leading space changes no ids); TRL
+    # appends an EOS to every completion, also to one cut at max_new_tokens, where prefbench adds none:
+    # counted without the ended flags, as TRL trains them (at most one token more per completion)
     tokens_per_step = cfg.batch_size * pair_tokens(tokenizer, pairs)
     common = dict(output_dir=str(export / "trl-out"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,

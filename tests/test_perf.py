@@ -29,8 +29,11 @@ def test_perf_measures_every_part_against_peak_and_trl(tmp_path, e2e_cache):
     for train in (r["dpo"]["train"], r["rm"]["train"], r["trl"]["dpo"], r["trl"]["rm"]):
         assert train["tokens_per_s"] == pytest.approx(train["tokens_per_step"] / train["step_s"])
         assert 0 < train["flops"] < 2 * r["peak"]["fp32_flops"]
-    # both sides count the same tokens: same pairs, same batch size, same token ids
-    assert r["dpo"]["train"]["tokens_per_step"] == pytest.approx(r["trl"]["dpo"]["tokens_per_step"])
+    # both sides count the same tokens (same pairs, batch size and ids), except the EOS TRL appends to a
+    # completion cut at max_new_tokens: at most one token per completion, two per pair
+    ours, trl = r["dpo"]["train"]["tokens_per_step"], r["trl"]["dpo"]["tokens_per_step"]
+    batch = r["ppo"]["batch_size"]  # the pairs (and prompts) per step of every part
+    assert ours <= trl <= ours + 2 * batch
     assert r["dpo_vs_trl"] > 0 and r["rm_vs_trl"] > 0
     assert set(r["dpo"]["generate"]) == {"1", "2", "4", "8", "16", "32", "64"}
     assert r["ppo"]["rollout"]["tokens_per_s"] > 0 and r["ppo"]["update"]["s"] > 0
