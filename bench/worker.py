@@ -675,8 +675,8 @@ def inject_fault(trial_dir: Path, trial_id: str, step: int, rank: int) -> None:
 
     $PREFBENCH_FAULTS lists `TRIAL_ID@STEP:ACTION` items (comma-separated); here ACTION `kill`: this
     worker process dies (SIGKILL) 5 s later (Ray Train V2 collects reports about every 2 s; a
-    checkpoint the controller never collected is lost with its worker), `hang`: it stops for an hour
-    (for killing or interrupting the whole run from outside at a known point). Each fires once per
+    checkpoint the controller never collected is lost with its worker), `hang`: it stops (at most an hour, and
+    only while its parent lives) (for killing or interrupting the whole run from outside at a known point). Each fires once per
     trial directory (a marker file), so the restarted trial runs on. See `step_fault` for `nan` and
     `die`. Unset in normal use.
     """
@@ -694,8 +694,10 @@ def inject_fault(trial_dir: Path, trial_id: str, step: int, rank: int) -> None:
         if action == "kill":
             time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "hang":
-            time.sleep(3600)
+        elif action == "hang":  # until killed, or until its parent (the raylet) is gone: never an orphan
+            parent, until = os.getppid(), time.time() + 3600
+            while os.getppid() == parent and time.time() < until:
+                time.sleep(0.5)
 
 
 def _no_optimizer(loss: torch.Tensor) -> dict:

@@ -42,3 +42,63 @@ def dpo_log(run, trial="dpo-beta=0.5-seed0"):
     """(losses, grad norms) per step of a DPO trial's train_log.jsonl."""
     rows = [json.loads(line) for line in (run / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
     return [r["losses/dpo"] for r in rows], [r["optim/grad_norm"] for r in rows]
+
+
+class LineReader:
+    """A child's stderr read line by line in a thread, so a test waits for a line with a deadline
+    instead of blocking forever on a run that hangs (the test fails with what the run printed)."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.text = ""
+        self.ended = False
+
+        def pump() -> None:
+            for line in stream:
+                self.lines.put(line)
+            self.lines.put(None)  # end of the stream
+
+        threading.Thread(target=pump, name="stderr-reader", daemon=True).start()
+
+    def _next(self, deadline: float) -> str | None:
+        import queue
+        import time
+
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.time()))
+        except queue.Empty:
+            raise TimeoutError from None
+        if line is None:
+            self.ended = True
+        else:
+            self.text += line
+        return line
+
+    def until(self, done, timeout: float) -> str:
+        """Read until `done(text so far)` holds; AssertionError (with the text) at the end of the
+        stream or after `timeout` seconds."""
+        import time
+
+        deadline = time.time() + timeout
+        while not done(self.text):
+            try:
+                if self._next(deadline) is None:
+                    raise AssertionError("the run ended early:\n" + self.text[-3000:])
+            except TimeoutError:
+                raise AssertionError(f"nothing awaited came within {timeout:.0f}s:\n" + self.text[-3000:]) from None
+        return self.text
+
+    def rest(self, timeout: float) -> str:
+        """Everything printed from here to the end of the stream (at most `timeout` seconds)."""
+        import time
+
+        start, deadline = len(self.text), time.time() + timeout
+        while not self.ended:
+            try:
+                self._next(deadline)
+            except TimeoutError:
+                raise AssertionError(f"the stream stayed open {timeout:.0f}s:\n" + self.text[-3000:]) from None
+        return self.text[start:]

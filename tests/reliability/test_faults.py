@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.e2e_run import METRICS, cli_args, dpo_log, run_cli, session_pids
+from tests.e2e_run import METRICS, LineReader, cli_args, dpo_log, run_cli, session_pids
 
 DPO_SWEEP = "algorithms=[{name: dpo, sweep: {beta: [0.5, 2.0]}}]"
 KEY = ["trial_id", "step", "temperature", "knob_value"]
@@ -30,15 +30,6 @@ def _start(out, sets, cache, faults, extra=()):
     env = {**os.environ, "PREFBENCH_CACHE": str(cache), "PREFBENCH_FAULTS": faults}
     return subprocess.Popen(cli_args(out, sets, extra=extra), stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-
-
-def _read_until(proc, marker: str) -> str:
-    events = []
-    for line in proc.stderr:
-        events.append(line)
-        if marker in line:
-            return "".join(events)
-    raise AssertionError(f"the run ended before {marker!r}:\n" + "".join(events)[-3000:])
 
 
 def _kill_session(proc) -> None:
@@ -74,14 +65,15 @@ def test_killed_worker_sigint_and_killed_driver_then_resume_gives_the_same_numbe
     out = tmp_path / "out"
     proc = _start(out, [DPO_SWEEP], cache, "dpo-beta=0.5-seed0@6:kill,dpo-beta=2.0-seed0@6:hang")
     try:
-        text = ""
-        while not ("done  dpo-beta=0.5-seed0" in text and "dpo-beta=2.0-seed0 eval  step 6/12" in text):
-            line = proc.stderr.readline()
-            assert line, "the run ended early:\n" + text[-3000:]
-            text += line
+        reader = LineReader(proc.stderr)
+        text = reader.until(lambda t: "done  dpo-beta=0.5-seed0" in t and "dpo-beta=2.0-seed0 eval  step 6/12" in t,
+                            timeout=1200)
         os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.stderr.read()
-        rc = proc.wait(timeout=120)
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run did not stop within 180 s of SIGINT:\n" + reader.text[-3000:]) from None
+        rest = reader.rest(timeout=60)
     finally:
         if proc.poll() is None:
             _kill_session(proc)
@@ -99,7 +91,8 @@ def test_killed_worker_sigint_and_killed_driver_then_resume_gives_the_same_numbe
 
     proc = _start(out, [DPO_SWEEP], cache, "", extra=["--resume"])
     try:
-        text = _read_until(proc, "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6")
+        text = LineReader(proc.stderr).until(lambda t: "dpo-beta=2.0-seed0 resumed from its checkpoint at step 6" in t,
+                                             timeout=900)
     finally:
         _kill_session(proc)  # the driver killed mid-trial
     assert "2 of 3 trials finished, 1 to run" in text
