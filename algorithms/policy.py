@@ -36,7 +36,7 @@ import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,20 +63,6 @@ class Rollout:
     def lengths(self) -> np.ndarray:
         """Completion length in tokens (EOS included), shape (N,)."""
         return np.array([len(c) for c in self.completion_ids], dtype=np.int64)
-
-
-class Sampler(Protocol):
-    """Anything that produces completions for prompts at a temperature (a Policy, best-of-N, ...)."""
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        n: int = 1,
-        temperature: float = 1.0,
-        max_new_tokens: int = 32,
-        seed: int = 0,
-    ) -> Rollout: ...
 
 
 def encode_completions(

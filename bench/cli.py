@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.config import ConfigError
     from bench.report import ReportError
     from bench.results import write_text_atomic
-    from bench.run import Interrupted, StageError, UserError
+    from bench.errors import Interrupted, StageError, UserError
 
     try:
         if args.command == "list":
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(compare([Path(o) for o in args.outs], Path(args.dest) if args.dest else None, args.baseline), end="")
         elif args.command == "perf" and args.suite is not None:
-            from bench.perf import format_suite_perf, run_suite_perf
+            from bench.tools.perf import format_suite_perf, run_suite_perf
 
             if args.vs:
                 raise UserError("--vs trl measures the parts of a trial; it does not combine with --suite")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json_out:
                 write_text_atomic(Path(args.json_out), json.dumps(numbers, indent=2))
         elif args.command == "perf":
-            from bench.perf import format_perf, run_perf
+            from bench.tools.perf import format_perf, run_perf
 
             numbers = run_perf(args.env, args.overrides, seed=args.seed, steps=args.steps, ppo_steps=args.ppo_steps,
                                repeats=args.repeats, rounds=args.rounds, vs_trl=args.vs == "trl", address=args.address)
@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export_env(args.env, args.dir, args.overrides, seed=args.seed, address=args.address))
         elif args.command == "run" and args.dry_run:
-            from bench.run import plan
+            from bench.run.driver import plan
 
             print(plan(args.suite, args.overrides, args.address))
         elif args.command == "run":
-            from bench.run import run
+            from bench.run.driver import run
 
             _, failed = run(args.suite, args.overrides, args.out, args.address, resume=args.resume)
             if failed:

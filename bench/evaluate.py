@@ -1,4 +1,4 @@
-"""The one evaluator: every algorithm is measured here, the same way (DESIGN.md "Evaluation").
+"""The one evaluator: every algorithm is measured here, the same way (docs/design.md "Evaluation").
 
 For a sampler π, the env's fixed eval prompts X and k samples per prompt at temperature T:
 
@@ -14,8 +14,8 @@ For a sampler π, the env's fixed eval prompts X and k samples per prompt at tem
 - win rate against the env's reference completion of the same prompt, judged by the gold reward
   (a tie counts ½); standard error clustered by prompt.
 - gen_len: mean completion length in tokens (EOS included).
-- best-of-N (a sampler with `sample_groups`): ONE set of N samples per prompt gives every n in
-  `sampler.ns` through the unbiased estimator (algorithms.best_of_n); gold reward, win rate and
+- best-of-N (a `RerankingSampler`): ONE set of N samples per prompt gives every n in
+  `sampler.ns` through the unbiased estimator (algorithms.samplers); gold reward, win rate and
   length are estimated per prompt and their standard errors are over prompts. Its KL is the bound
   at T = 1 (not reported at other temperatures: it is relative to the sampled base), `kl_est` the
   plug-in estimate from the same samples and their reference log-probs (`bon_kl_estimate`), and
@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from algorithms.policy import Policy, Rollout, Sampler
+from algorithms.policy import Policy, Rollout
+from algorithms.samplers import RerankingSampler, Sampler, analytic_kl, bon_kl_estimate, duplicate_rate, unbiased_bon_per_prompt
 
 
 @dataclass
@@ -174,7 +175,7 @@ def sample_stats(
 
 
 def best_of_n_stats(
-    sampler,
+    sampler: RerankingSampler,
     evalset: EvalSet,
     *,
     temperature: float,
@@ -188,8 +189,6 @@ def best_of_n_stats(
     prompt), plus "n_drawn" (samples drawn for the prompt). Greedy decoding (T = 0) draws one sample:
     every n is that sample.
     """
-    from algorithms.best_of_n import analytic_kl, bon_kl_estimate, duplicate_rate, unbiased_bon_per_prompt
-
     subset = np.arange(len(evalset.prompts)) if prompt_subset is None else np.asarray(prompt_subset)
     prompts = [evalset.prompts[i] for i in subset]
     if temperature > 0:

@@ -41,7 +41,8 @@ import yaml
 from bench import __version__, say
 from bench.config import ConfigError, SuiteConfig, apply_override, build_dataclass, env_params, validate
 from bench.results import remove_stale_temps
-from bench.run import UserError, cache_root, check_env_reachable, env_cache_dir, env_key, prepare_env
+from bench.errors import UserError
+from bench.run.prepare import cache_root, check_env_reachable, env_cache_dir, env_key, prepare_env
 from envs import ENVS
 
 # --set keys export-env takes: what defines the env (and its cache key), and how its SFT stage runs
@@ -137,10 +138,10 @@ def _prepare(suite: SuiteConfig, seed: int, address: str | None) -> None:
     suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
     # stdout carries only DIR: what libraries print (DeepSpeed's logger binds to stdout on import) goes to stderr
     with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="prefbench-export-") as scratch:
-        from bench import ray_runner
-        from bench.worker import _quiet
+        from bench.run import ray_runner
+        from bench.worker.engine import quiet_libraries
 
-        _quiet()
+        quiet_libraries()
         # Ray Train's checkpoints of the SFT job: nothing an export keeps
         storage = (f"{suite.storage_path.rstrip('/')}/export-{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
                    if suite.storage_path else scratch)
@@ -234,6 +235,7 @@ def _command(suite: SuiteConfig, seed: int, env, params: dict) -> str:
                      f"--seed {seed}"])
 
 
+# long by nature: the dataset card is one markdown template, filled in top to bottom
 def _card(suite: SuiteConfig, seed: int, env_dir: Path, dest: Path, counts: dict, agreement: tuple[int, int]) -> str:
     env = ENVS.get(suite.env.name)
     params = dataclasses.asdict(env_params(suite))

@@ -1,4 +1,4 @@
-"""OUT/evals.parquet and OUT/trials.parquet (DESIGN.md "Results schema"), written atomically."""
+"""OUT/evals.parquet and OUT/trials.parquet (docs/design.md "Results schema"), written atomically."""
 
 from __future__ import annotations
 
@@ -24,6 +24,24 @@ TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",
     "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy", "nodes", "resumed_from", "summary",
 ]
+
+
+# a trial's directory, OUT/trials/<trial_id>/ (bench.worker.trial writes it, collect reads it)
+ROWS_FILE = "evals.jsonl"  # one evaluation row per line, appended as the trial goes
+LOG_FILE = "train_log.jsonl"  # the training metrics the algorithm logged, one step per line
+SUMMARY_FILE = "summary.json"  # written last and atomically: the trial completed
+FAILURE_FILE = "failure.json"  # a numerical fault stopped the trial: its reason
+POLICY_DIR = "policy"  # the trained policy, Hugging Face format
+
+
+def trial_dir(out: Path, trial_id: str) -> Path:
+    """OUT/trials/<trial_id>: the files of one trial."""
+    return Path(out) / "trials" / trial_id
+
+
+def finished_trials(out: Path, trials: list[TrialSpec]) -> set[str]:
+    """Trials whose summary.json exists: written last, atomically, by a trial that completed."""
+    return {t.trial_id for t in trials if (trial_dir(out, t.trial_id) / SUMMARY_FILE).is_file()}
 
 
 def _atomic(path: Path, write) -> None:
@@ -100,12 +118,11 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
     """Gather every trial's rows from OUT/trials/<id>/ into the two parquet files."""
     eval_frames, trial_rows = [], []
     for spec in trials:
-        tdir = out / "trials" / spec.trial_id
-        rows_file = tdir / "evals.jsonl"
-        rows = _read_rows(rows_file)
-        summary = json.loads((tdir / "summary.json").read_text()) if (tdir / "summary.json").exists() else {}
+        tdir = trial_dir(out, spec.trial_id)
+        rows = _read_rows(tdir / ROWS_FILE)
+        summary = json.loads((tdir / SUMMARY_FILE).read_text()) if (tdir / SUMMARY_FILE).exists() else {}
         error = status.get(spec.trial_id, "did not run")
-        stopped = tdir / "failure.json"  # a numerical fault stopped it (bench.worker.FAILURE_FILE)
+        stopped = tdir / FAILURE_FILE  # a numerical fault stopped it
         if error is None and stopped.exists():
             error = json.loads(stopped.read_text())["reason"]
         elif error is None and not summary:

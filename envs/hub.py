@@ -65,7 +65,9 @@ def _require(name: str, repo_type: str, *, env: str, param: str) -> None:
             HfApi().repo_info(name, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
             return
         except Exception as e:  # network down, DNS, 404, gated: all mean "not usable from here"
-            first = str(e).splitlines()[0][:160] if str(e) else ""
+            from algorithms.registry import first_line
+
+            first = first_line(e, 160)
             reason = f"{type(e).__name__}: {first}"
     local = "a local directory saved with save_pretrained" if what == "model" else \
         "a local folder with the dataset's files in the same format (parquet, as on the hub)"

@@ -35,6 +35,7 @@ import pandas as pd
 
 from algorithms.interface import TrainSettings, check
 from algorithms.policy import Policy
+from algorithms.registry import first_line
 from envs import ENVS
 from envs.base import finish_from_samples, join_text, sft_train_settings
 from envs.hub import (Unavailable, check_context, context_length, read_split, require_dataset, require_model,
@@ -173,7 +174,7 @@ class Imdb:
         try:  # a classifier without a positive class would fail only after SFT: say so now
             positive_label(AutoConfig.from_pretrained(_path(params.gold_model)))
         except Exception as e:
-            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            first = first_line(e, 200) or type(e).__name__
             raise Unavailable(f"env {self.name}: env.params.gold_model = {params.gold_model}: {first}") from None
 
     # ------------------------------------------------------------------------------- data

@@ -16,7 +16,7 @@ from algorithms.dpo import DPO, DPOParams
 from algorithms.interface import EnvData, TrainContext, TrainSettings, plain_optimizer
 from algorithms.policy import Policy
 from bench.config import DeepSpeedSettings
-from bench.worker import single_process_dist_env, wrap_with_deepspeed
+from bench.worker.engine import single_process_dist_env, wrap_with_deepspeed
 
 
 def dpo_logs(policy: Policy, reference: Policy, optimize, train: TrainSettings) -> list[dict]:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from algorithms import ALGORITHMS
-from algorithms.best_of_n import (
-    BestOfNParams, BestOfNSampler, analytic_kl, bon_kl_estimate, bon_weights, duplicate_rate, unbiased_bon,
-)
+from algorithms.best_of_n import BestOfNParams, BestOfNSampler
+from algorithms.samplers import RerankingSampler, analytic_kl, bon_kl_estimate, bon_weights, duplicate_rate, unbiased_bon
 from algorithms.interface import ParamError
 from bench.evaluate import EvalSet, best_of_n_stats, summarize
 
@@ -124,3 +123,13 @@ def test_sampler_and_evaluator_rerank_one_set_of_samples(policy, prompts):
     greedy = best_of_n_stats(sampler, evalset, temperature=0.0, max_new_tokens=12, seed=3)
     g = {n: summarize(s, temperature=0.0) for n, s in greedy.items()}
     assert g[1]["gold_reward"] == g[8]["gold_reward"] and g[8]["kl_kind"] == "none"
+
+
+def test_the_evaluator_tells_samplers_by_their_contract(policy):
+    """bench.evaluate and the trial recognise best-of-n by the RerankingSampler Protocol, not by its
+    module: best-of-n is one, a Policy is a plain Sampler."""
+    from algorithms.samplers import Sampler
+
+    bon = BestOfNSampler(policy, None, n=4, ns=[1, 4])
+    assert isinstance(bon, RerankingSampler) and isinstance(bon, Sampler)
+    assert isinstance(policy, Sampler) and not isinstance(policy, RerankingSampler)

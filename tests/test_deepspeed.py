@@ -37,7 +37,7 @@ def test_zero0_fp32_clips_itself_and_deepspeed_clips_the_rest():
     not clip them a second time; sharded (ZeRO >= 1) or bf16 grads are clipped by DeepSpeed."""
     from algorithms.interface import TrainSettings
     from bench.config import DeepSpeedSettings
-    from bench.worker import clips_itself, deepspeed_config
+    from bench.worker.engine import clips_itself, deepspeed_config
 
     train = TrainSettings(steps=1, batch_size=4, lr=1e-3, max_grad_norm=0.5)
     for stage, bf16, ours in ((0, False, True), (0, True, False), (1, False, False), (2, False, False), (3, True, False)):

@@ -116,7 +116,7 @@ def test_trained_policy_loads_with_plain_transformers(run_dir):
 def test_second_run_reuses_the_prepared_env(run_dir):
     out, stderr, cache = run_dir
     from bench.config import load_suite
-    from bench.run import prepare_env
+    from bench.run.prepare import prepare_env
 
     assert "SFT + pairs as a Ray Train job" in stderr
     suite = load_suite(E2E, [f"cache_dir={cache}"])
@@ -214,7 +214,7 @@ def test_best_of_n_reports_every_n_from_one_set_with_analytic_kl(run_dir):
 def test_reward_model_is_trained_once_cached_and_reported(run_dir):
     out, stderr, cache = run_dir
     from bench.config import load_suite
-    from bench.run import prepare_reward_model
+    from bench.run.prepare import prepare_reward_model
 
     rms = list((cache / "reward_models").iterdir())
     assert len(rms) == 1 and (rms[0] / "DONE").exists() and (rms[0] / "model" / "config.json").exists()

@@ -66,7 +66,7 @@ def test_export_loads_with_transformers_and_datasets(exported, tmp_path):
 @pytest.mark.slow
 def test_export_is_the_env_a_run_of_the_same_env_section_uses(exported):
     from bench.config import load_suite
-    from bench.run import env_cache_dir
+    from bench.run.prepare import env_cache_dir
     from envs.base import load_env_data
 
     out, stderr, cache = exported
@@ -162,7 +162,7 @@ def test_trl_dpo_and_reward_trainers_train_on_the_export_unchanged(exported, tmp
 
 @pytest.mark.slow
 def test_cached_env_exports_without_starting_ray(exported, tmp_path, monkeypatch, capsys):
-    from bench import ray_runner
+    from bench.run import ray_runner
     from bench.export import export_env
 
     out, _, cache = exported

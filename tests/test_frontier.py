@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.frontier import (area_under_front, best_within, crossfit_area, crossfit_best_within, crossfit_curve, diff_ci,
-                            fit_gao, gao_curve, mean_ci, paired_diff_ci, pareto_front)
+from bench.report.frontier import area_under_front, best_within, crossfit_area, crossfit_best_within, crossfit_curve, diff_ci, fit_gao, gao_curve, mean_ci, paired_diff_ci, pareto_front
 
 KL = [0.0, 1.0, 1.0, 2.0, 3.0, 0.5, math.nan]
 GOLD = [0.5, 0.7, 0.6, 0.65, 0.9, 0.7, 1.0]

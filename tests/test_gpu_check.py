@@ -1,4 +1,4 @@
-"""`python -m bench.gpu_check`: its CPU dry run passes end to end, and without CUDA it stops with one line."""
+"""`python -m bench.tools.gpu_check`: its CPU dry run passes end to end, and without CUDA it stops with one line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def gpu_check(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bench.tools.gpu_check", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
 

@@ -77,7 +77,7 @@ def test_perf_suite_user_errors_are_one_line_exit_2(tmp_path):
 def test_tree_memory_counts_a_process_and_its_children():
     import psutil
 
-    from bench.perf import tree_memory
+    from bench.tools.perf import tree_memory
 
     me = psutil.Process()
     alone = tree_memory(me)
@@ -102,7 +102,7 @@ def test_perf_rejects_keys_that_are_not_env_or_shapes():
 
 
 def test_step_clock_takes_the_median_after_the_warm_up():
-    from bench.perf import WARMUP_STEPS, StepClock
+    from bench.tools.perf import StepClock, WARMUP_STEPS
 
     clock = StepClock()
     clock.start = 0.0
@@ -113,7 +113,7 @@ def test_step_clock_takes_the_median_after_the_warm_up():
 
 
 def test_rounds_merge_to_element_wise_medians():
-    from bench.perf import median_merge
+    from bench.tools.perf import median_merge
 
     runs = [{"a": 1.0, "b": {"c": 10, "d": "x"}}, {"a": 3.0, "b": {"c": 30, "d": "y"}}, {"a": 2.0, "b": {"c": 20, "d": "z"}}]
     assert median_merge(runs) == {"a": 2.0, "b": {"c": 20, "d": "x"}}

@@ -240,7 +240,7 @@ def test_zero_spread_reference_scores_are_a_clear_error(policy, tiny_env_dir):
 
 
 def test_bench_cache_computes_once_per_key_and_scope_and_recomputes_a_corrupt_file(tmp_path):
-    from bench.worker import algorithm_cache
+    from bench.worker.trial import algorithm_cache
 
     computed = []
 

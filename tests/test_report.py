@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from bench.config import ConfigError, ReportSettings, build_dataclass
-from bench.frontier import diff_ci
+from bench.report.frontier import diff_ci
 from bench.report import REPORT_FILES, load_run, summarize, write_report
 from tests.report_data import BON_DUPLICATES, make_run
 

@@ -48,3 +48,21 @@ def test_collect_marks_failures_and_report_aggregates_seeds(tmp_path):
     assert "| dpo | beta=0.5 | 2 | 0.700 ± 1.271 |" in text
     assert "2/3 trials ok" in text
     assert "- `dpo-b-seed0`: RuntimeError: boom" in text
+
+
+def test_the_committed_results_rebuild_their_report_byte_for_byte(tmp_path):
+    """results/quick is what the code produces: its report files, rebuilt by
+    `write_report` from the committed parquet files, equal the committed ones byte for byte (the text
+    files; the plots' bytes depend on the matplotlib build)."""
+    import shutil
+    from pathlib import Path
+
+    for name in ("quick",):
+        committed = Path(__file__).resolve().parent.parent / "results" / name
+        if not (committed / "evals.parquet").is_file():
+            continue
+        copy = tmp_path / name
+        shutil.copytree(committed, copy)
+        write_report(copy)
+        for f in ("report.md", "report.csv", "configs.csv", "report.tex", "report.html"):
+            assert (copy / f).read_bytes() == (committed / f).read_bytes(), f"results/{name}/{f}"

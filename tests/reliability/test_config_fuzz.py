@@ -428,16 +428,16 @@ def bad_override(draw, base: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def no_run_starts():
     """A suite that passed validation would start Ray and a real run: fail loudly instead."""
-    import bench.run
+    import bench.run.driver
 
     def accepted(suite, *args, **kwargs):
         raise AssertionError(f"a fuzzed config was accepted: {config.to_yaml(suite)[:2000]}")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench.run, "check_env_reachable", accepted)
-        mp.setattr(bench.run, "_run", accepted)
-        if "bench.ray_runner" in sys.modules:
-            mp.setattr(sys.modules["bench.ray_runner"], "start_ray", accepted)
+        mp.setattr(bench.run.driver, "check_env_reachable", accepted)
+        mp.setattr(bench.run.driver, "_run", accepted)
+        if "bench.run.ray_runner" in sys.modules:
+            mp.setattr(sys.modules["bench.run.ray_runner"], "start_ray", accepted)
         yield
     print("\nconfig fuzzing: tried / rejected cleanly, by class")
     for kind in sorted(TRIED):

@@ -1,4 +1,4 @@
-"""`python -m bench.determinism` (the check run on a GPU) on CPU: the same DPO steps twice in fresh
+"""`python -m bench.tools.determinism` (the check run on a GPU) on CPU: the same DPO steps twice in fresh
 processes give the same losses, gradient norms, weights, samples and log-probs, bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 def test_the_same_training_twice_is_identical_on_cpu(tmp_path):
     report = tmp_path / "determinism.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.determinism", "--device", "cpu", "--modes", "default", "--n-layer", "2",
+        [sys.executable, "-m", "bench.tools.determinism", "--device", "cpu", "--modes", "default", "--n-layer", "2",
          "--n-embd", "64", "--steps", "4", "--pairs", "8", "--json", str(report)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

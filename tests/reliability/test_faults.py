@@ -1,6 +1,6 @@
 """Fault injection through real `prefbench run`s (Ray Train + Tune + DeepSpeed), each asserting what
 survived: a killed worker, SIGINT, a killed driver, a NaN loss, a trial whose worker keeps dying, a
-corrupt cache entry. `PREFBENCH_FAULTS` (bench/worker.py) places the faults at known steps."""
+corrupt cache entry. `PREFBENCH_FAULTS` (bench/worker/faults.py) places the faults at known steps."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_nan_loss_and_a_worker_that_keeps_dying_fail_only_their_trials(run_dir, 
     `failed` in trials.parquet, listed in the report and absent from its tables; the other trials
     complete. The cached reward model was corrupted beforehand: its hash gives it away and it is
     rebuilt, identical, so best-of-n reproduces the e2e run's numbers."""
-    from bench.run import cache_problem
+    from bench.run.prepare import cache_problem
 
     out = tmp_path / "out"
     cache = tmp_path / "cache"

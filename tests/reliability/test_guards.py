@@ -70,25 +70,25 @@ def test_env_recipes_check_the_gold_they_are_given(policy, prompts):
 
 
 def test_evaluation_rows_with_nan_stop_the_trial_except_kl_where_it_is_not_estimated():
-    from bench.worker import _check_eval_rows
+    from bench.worker.trial import check_eval_rows
 
     row = {"temperature": 1.0, "gold_reward": 0.6, "win_rate": 0.5, "gen_len": 9.0, "kl": 1.2, "kl_k3": 1.1,
            "kl_kind": "estimated"}
-    _check_eval_rows([row, {**row, "temperature": 0.0, "kl": math.nan, "kl_k3": math.nan, "kl_kind": "none"}], 6)
-    _check_eval_rows([{**row, "kl": math.nan, "kl_k3": math.nan, "kl_kind": "analytic"}], 6)
+    check_eval_rows([row, {**row, "temperature": 0.0, "kl": math.nan, "kl_k3": math.nan, "kl_kind": "none"}], 6)
+    check_eval_rows([{**row, "kl": math.nan, "kl_k3": math.nan, "kl_kind": "analytic"}], 6)
     with pytest.raises(NonFiniteError, match=r"^kl of the evaluation at step 6 \(T=1\) is nan$"):
-        _check_eval_rows([{**row, "kl": math.nan}], 6)
+        check_eval_rows([{**row, "kl": math.nan}], 6)
     with pytest.raises(NonFiniteError, match=r"^gold_reward of the evaluation at step 0 \(T=0.5\) is inf$"):
-        _check_eval_rows([{**row, "temperature": 0.5, "gold_reward": math.inf}], 0)
+        check_eval_rows([{**row, "temperature": 0.5, "gold_reward": math.inf}], 0)
 
 
 def test_logged_losses_rewards_and_kl_are_guarded_the_rest_may_be_nan():
-    from bench.worker import _check_logged
+    from bench.worker.trial import check_logged
 
-    _check_logged(3, {"losses/dpo": 0.6, "optim/grad_norm": math.nan, "optim/lr": 1e-4})
+    check_logged(3, {"losses/dpo": 0.6, "optim/grad_norm": math.nan, "optim/lr": 1e-4})
     for key in ("losses/dpo", "rewards/margin", "objective/kl", "policy/approx_kl"):
         with pytest.raises(NonFiniteError, match=f"^{key} at step 3 is nan$"):
-            _check_logged(3, {key: math.nan})
+            check_logged(3, {key: math.nan})
 
 
 def _build(calls):
@@ -101,7 +101,7 @@ def _build(calls):
 
 
 def test_a_corrupt_or_incomplete_cache_entry_is_detected_by_hash_and_rebuilt(tmp_path, capsys):
-    from bench.run import _build_cached, cache_problem
+    from bench.run.prepare import _build_cached, cache_problem
 
     entry, calls = tmp_path / "envs" / "e-seed0-abc", []
     assert _build_cached(entry, _build(calls), "env e") == entry and len(calls) == 1
@@ -136,7 +136,7 @@ def test_reasons_of_failed_trials_and_stages_are_one_line_root_causes():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-    from bench.ray_runner import one_line
+    from bench.run.ray_runner import one_line
 
     died = WorkerGroupError("Training failed due to worker errors", {
         0: WorkerHealthCheckFailedError("A worker health check failed.\nWorker info: ...", ray.exceptions.ActorDiedError()),
@@ -179,7 +179,7 @@ def test_a_trial_stopped_by_a_fault_is_failed_with_its_reason_and_a_cut_row_is_d
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_become_keyboard_interrupt_and_handlers_are_restored(sig):
-    from bench.run import _stop_on_signals
+    from bench.run.driver import _stop_on_signals
 
     before = signal.getsignal(sig)
     with pytest.raises(KeyboardInterrupt):
@@ -193,7 +193,7 @@ def test_sigint_and_sigterm_become_keyboard_interrupt_and_handlers_are_restored(
 def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     """Ctrl-C after the run was recorded keeps OUT (config.yaml, finished trials, checkpoints) for
     --resume; before that, OUT is removed as if the run had never started."""
-    import bench.run
+    import bench.run.driver
     from bench.cli import main
 
     def interrupted_after_start(suite, trials, out_dir, address, resume=False):
@@ -201,8 +201,8 @@ def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path
         raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    monkeypatch.setattr(bench.run, "check_env_reachable", lambda suite: None)
-    monkeypatch.setattr(bench.run, "_run", interrupted_after_start)
+    monkeypatch.setattr(bench.run.driver, "check_env_reachable", lambda suite: None)
+    monkeypatch.setattr(bench.run.driver, "_run", interrupted_after_start)
     assert main(["run", "--out", str(out), "--set", "train.steps=5"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"prefbench: interrupted: 0 of 17 trials finished and kept in {out} (the others from their last "
@@ -212,7 +212,7 @@ def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path
     def interrupted_before_start(suite, trials, out_dir, address, resume=False):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench.run, "_run", interrupted_before_start)
+    monkeypatch.setattr(bench.run.driver, "_run", interrupted_before_start)
     assert main(["run", "--out", str(tmp_path / "early")]) == 130
     assert capsys.readouterr().err.strip() == "prefbench: interrupted before the run started; nothing was written"
     assert not (tmp_path / "early").exists()
@@ -221,7 +221,7 @@ def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path
 def test_prompts_plus_sampled_tokens_must_fit_the_policy_context(tiny_env_dir):
     """eval.max_new_tokens beyond the policy's positions would crash every trial mid-run (GPT-2's
     position embeddings): one line before the sweep instead."""
-    from bench.run import context_problem
+    from bench.run.prepare import context_problem
 
     prompts = ["the movie was", "i loved the acting and the plot of the"]
     assert context_problem(tiny_env_dir / "init", prompts, 24) is None

@@ -1,4 +1,4 @@
-"""`python -m bench.gpu_check`: does prefbench really run on CUDA? A few minutes on one GPU.
+"""`python -m bench.tools.gpu_check`: does prefbench really run on CUDA? A few minutes on one GPU.
 
 With `scaling.use_gpu: true` the same code runs on CUDA (nccl, bf16, HF generation); nothing in
 algorithms/ knows which. This script checks that on a CUDA machine, for each ZeRO stage asked
@@ -26,9 +26,9 @@ arguments or (with --device cuda) no CUDA device. `--device cpu` is a dry run of
 Everything fits --time-budget (default 540 s, under a 10-minute command limit): each step is
 stopped at its timeout (a hang shows as "stopped after ..."), and the table is always printed.
 
-    python -m bench.gpu_check --json gpu_check.json                 # both parts, ZeRO-2 and ZeRO-3, bf16
-    python -m bench.gpu_check --skip-suite --n-layer 24 --n-embd 1024  # throughput only, a bigger model
-    python -m bench.gpu_check --device cpu --zero-stages 0 3         # dry run without a GPU
+    python -m bench.tools.gpu_check --json gpu_check.json                 # both parts, ZeRO-2 and ZeRO-3, bf16
+    python -m bench.tools.gpu_check --skip-suite --n-layer 24 --n-embd 1024  # throughput only, a bigger model
+    python -m bench.tools.gpu_check --device cpu --zero-stages 0 3         # dry run without a GPU
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.tools.common import versions
+
 PROG = "prefbench gpu_check"
 RESERVE_S = 10  # of --time-budget, kept for collecting results and printing the table
 MIN_STEP_S = 30  # a step is not started with less time than this left
@@ -55,7 +57,7 @@ MAX_POSITIONS = 128  # tiny-sentiment's GPT-2 n_positions: prompt (<= 5 tokens) 
 # The suite of part A: tiny-sentiment at tests/suites/e2e.yaml's sizes, three trials. Scaling and
 # DeepSpeed come from --set on the command line, as a user would pass them.
 SUITE_YAML = """\
-# written by bench.gpu_check: SFT baseline, DPO, PPO (rollouts while training) on tiny sizes
+# written by bench.tools.gpu_check: SFT baseline, DPO, PPO (rollouts while training) on tiny sizes
 name: gpu-check
 env:
   name: tiny-sentiment
@@ -103,7 +105,7 @@ def _stage(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m bench.tools.gpu_check", description=__doc__.split("\n\n")[0],
                 formatter_class=_Help)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run without a GPU")
     p.add_argument("--zero-stages", type=_stage, nargs="+", default=[2, 3], metavar="S", help="ZeRO stages to check")
@@ -176,27 +178,6 @@ def check_device(args: argparse.Namespace) -> None:
         raise UsageError(f"{torch.cuda.get_device_name(0)} does not support bf16; add --no-bf16")
 
 
-def versions(device: str) -> dict:
-    import torch
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("deepspeed", "ray", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception as e:  # noqa: BLE001 - report it instead of failing the header
-            out[name] = f"unavailable ({type(e).__name__})"
-    if device == "cuda":
-        out["cuda"] = torch.version.cuda
-        out["device_name"] = torch.cuda.get_device_name(0)
-        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-        out["device_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    else:
-        import platform
-
-        out["device_name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return out
-
-
 def say(msg: str) -> None:
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
 
@@ -263,6 +244,7 @@ def _tail(log: Path, n: int = 25) -> str:
 
 
 # ------------------------------------------------------------------------ part B: throughput
+# long by nature: the child's whole script (set-up, generation, DPO steps, memory), read top to bottom
 def throughput_child(args: argparse.Namespace) -> None:
     """In its own process: one ZeRO stage's generation and DPO-step throughput; prints one JSON line."""
     import resource
@@ -273,10 +255,10 @@ def throughput_child(args: argparse.Namespace) -> None:
     from algorithms.interface import TrainSettings
     from algorithms.policy import Policy
     from bench.config import DeepSpeedSettings
-    from bench.worker import _quiet, single_process_dist_env, wrap_with_deepspeed
+    from bench.worker.engine import quiet_libraries, single_process_dist_env, wrap_with_deepspeed
     from envs import ENVS
 
-    _quiet()
+    quiet_libraries()
     stage = args.child
     cuda = args.device == "cuda"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -389,7 +371,7 @@ def throughput_child(args: argparse.Namespace) -> None:
 
 def run_throughput(args: argparse.Namespace, stage: int, work: Path, timeout: int) -> dict:
     log = work / f"throughput-zero{stage}.log"
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--_throughput-child", str(stage), "--device", args.device,
+    cmd = [sys.executable, "-m", "bench.tools.gpu_check", "--_throughput-child", str(stage), "--device", args.device,
            "--bf16" if args.bf16 else "--no-bf16",
            "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd), "--n-head", str(args.n_head),
            "--prompts", str(args.prompts), "--samples", str(args.samples), "--max-new-tokens",
@@ -432,6 +414,8 @@ def run_suite(args: argparse.Namespace, stage: int, work: Path, cache: Path, tim
     """One suite run through the CLI (Ray Train + Tune + DeepSpeed), then its results read back."""
     import pandas as pd
 
+    from bench.results import SUMMARY_FILE, trial_dir
+
     suite_file = work / "gpu_check_suite.yaml"
     suite_file.write_text(SUITE_YAML)
     out = work / f"suite-zero{stage}"
@@ -466,7 +450,7 @@ def run_suite(args: argparse.Namespace, stage: int, work: Path, cache: Path, tim
             if len(t1):
                 info["gold_reward_t1"] = float(t1["gold_reward"].iloc[-1])
                 info["kl_t1"] = float(t1["kl"].iloc[-1])
-            summary_path = out / "trials" / row.trial_id / "summary.json"
+            summary_path = trial_dir(out, row.trial_id) / SUMMARY_FILE
             if summary_path.is_file():
                 summary = json.loads(summary_path.read_text())
                 info["wall_time_s"] = summary.get("wall_time_s")

@@ -1,4 +1,4 @@
-"""`python -m bench.determinism`: does the same training run give the same numbers twice on this device?
+"""`python -m bench.tools.determinism`: does the same training run give the same numbers twice on this device?
 
 Each run is a fresh process (one DeepSpeed engine per process) doing what a trial does, without Ray:
 the tiny env's GPT-2 (seeded init) wrapped in a 1-rank DeepSpeed engine (`bench.worker`), DPO
@@ -11,8 +11,8 @@ Modes:
 - `deterministic`: also `torch.use_deterministic_algorithms(True)`, `CUBLAS_WORKSPACE_CONFIG=:4096:8`
   and cuDNN's benchmark off: PyTorch's switches for reproducible CUDA kernels.
 
-    python -m bench.determinism --device cuda --zero-stage 2 --bf16      # on a GPU
-    python -m bench.determinism --device cpu                             # CPU: 2 runs per mode
+    python -m bench.tools.determinism --device cuda --zero-stage 2 --bf16      # on a GPU
+    python -m bench.tools.determinism --device cpu                             # CPU: 2 runs per mode
 
 Exit 0 when the runs of every mode agree, 1 when some differ (the table says where), 2 for bad
 arguments. bench/PERF.md and the README's "Determinism" record what was seen.
@@ -29,12 +29,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.tools.common import versions
+
 TAG = "DETERMINISM_RESULT "
 MODES = ("default", "deterministic")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.determinism", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.tools.determinism", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (DeepSpeed bf16)")
@@ -68,10 +70,10 @@ def child(args: argparse.Namespace) -> dict:
     from algorithms.interface import TrainSettings
     from algorithms.policy import Policy
     from bench.config import DeepSpeedSettings
-    from bench.worker import _quiet, single_process_dist_env, wrap_with_deepspeed
+    from bench.worker.engine import quiet_libraries, single_process_dist_env, wrap_with_deepspeed
     from envs import ENVS
 
-    _quiet()
+    quiet_libraries()
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {}
     for mode in args.modes:
         for i in range(args.runs):
-            cmd = [sys.executable, "-m", "bench.determinism", "--_child", mode, "--device", args.device,
+            cmd = [sys.executable, "-m", "bench.tools.determinism", "--_child", mode, "--device", args.device,
                    "--zero-stage", str(args.zero_stage), "--steps", str(args.steps), "--n-layer", str(args.n_layer),
                    "--n-embd", str(args.n_embd), "--pairs", str(args.pairs), *(["--bf16"] if args.bf16 else [])]
             env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
@@ -140,18 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         verdict[mode]["first_differing_step"] = first_loss_diff
         verdict[mode]["identical"] = all(verdict[mode][f] for f in fields)
     return {"device": args.device, "zero_stage": args.zero_stage, "bf16": args.bf16, "runs": runs, "verdict": verdict,
-            "versions": _versions(args.device)}
-
-
-def _versions(device: str) -> dict:
-    import deepspeed
-    import torch
-
-    out = {"torch": torch.__version__, "deepspeed": deepspeed.__version__}
-    if device == "cuda" and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-        out["cuda"] = torch.version.cuda
-    return out
+            "versions": versions(args.device)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(TAG + json.dumps(child(args)), flush=True)
         return 0
     if args.runs < 2:
-        print("python -m bench.determinism: error: --runs must be >= 2", file=sys.stderr)
+        print("python -m bench.tools.determinism: error: --runs must be >= 2", file=sys.stderr)
         return 2
     report = run(args)
     for mode, v in report["verdict"].items():

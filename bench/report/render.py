@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.frontier import FORMS, Estimate
+from bench.report.frontier import Estimate, FORMS
 
 Cell = tuple[str, float | str]  # (text shown, value sorted by)
 
@@ -77,6 +77,7 @@ def _estimate_range(configs: pd.DataFrame) -> str:
     return f"; a plug-in estimate of its true KL gives {min(est):.2f}–{max(est):.2f} nats over its n (configuration table)" if est else ""
 
 
+# long by nature: the report's tables in the order the report shows them, each a few lines
 def tables(summary, configs: pd.DataFrame) -> list[Table]:
     run, s = summary.run, summary.run.settings
     level = f"{s.confidence:.0%}"
@@ -347,7 +348,7 @@ def _html_table(header: list[str], rows: list[list[tuple[str, object]]], raw: se
 
 
 def html(summary, tables_: list[Table], images: dict[str, bytes]) -> str:
-    from bench.report import params_of
+    from bench.report.measure import params_of
 
     run, e = summary.run, htmllib.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

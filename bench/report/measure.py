@@ -2,13 +2,13 @@
 settings of OUT/config.yaml when it is there): frontier and temperature plots, and the comparison
 tables as report.md, report.csv, configs.csv, report.tex and report.html.
 
-What is measured (DESIGN.md "Evaluation"; every number per seed first, then mean ± CI over seeds):
+What is measured (docs/design.md "Evaluation"; every number per seed first, then mean ± CI over seeds):
 - the frontier: every evaluation at T = 1 of every trial is a point (KL(π‖π_ref) nats, gold reward);
   per KL budget B, the best gold reward with KL ≤ B over all knob values and steps, and the area from
   0 to B under the staircase f(k) = best gold with KL ≤ k (KL clipped at 0, floored at the SFT reward);
 - cross-fitted, against the winner's curse: evals.parquet has every metric on two halves of the eval
   prompts (`gold_reward_h0`/`_h1`, `kl_h0`/`_h1`, `win_rate_h0`/`_h1`); a point is selected on one
-  half and its gold read on the other, both directions averaged (`bench.frontier.crossfit_curve`).
+  half and its gold read on the other, both directions averaged (`bench.report.frontier.crossfit_curve`).
   Runs written before the halves existed fall back to in-sample selection on the full sample (the
   report says so);
 - best-of-n's KL (kl_kind "bound", "analytic" in older runs) is the upper bound log n − (n−1)/n
@@ -27,7 +27,6 @@ Only trials with status ok are used; failed ones are listed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,8 +39,7 @@ import pandas as pd
 import yaml
 
 from bench.config import ConfigError, ReportSettings, build_dataclass
-from bench.frontier import (Estimate, GaoFit, crossfit_area, crossfit_best_within, crossfit_curve, diff_ci, fit_gao,
-                            mean_ci, paired_diff_ci)
+from bench.report.frontier import Estimate, GaoFit, crossfit_area, crossfit_best_within, crossfit_curve, fit_gao, mean_ci, paired_diff_ci
 
 
 class ReportError(Exception):
@@ -79,14 +77,14 @@ class Run:
                     return False
         return True
 
-
 HALF_METRICS = ("gold_reward", "kl", "win_rate")  # each also as METRIC_h0 / METRIC_h1: even / odd eval prompts
-BOUND_KINDS = ("bound", "analytic")  # best-of-n's KL: the upper bound log n − (n−1)/n ("analytic" in older runs)
 
+BOUND_KINDS = ("bound", "analytic")  # best-of-n's KL: the upper bound log n − (n−1)/n ("analytic" in older runs)
 
 _EVAL_NUMBERS = ("seed", "knob_value", "step", "temperature", "gold_reward", "gold_reward_se", "kl", "kl_se", "kl_k3",
                  "kl_k3_se", "win_rate", "win_rate_se", "gen_len", "train_time_s", "wall_time_s", "kl_est", "dup_rate",
                  *(f"{m}_h{h}" for m in HALF_METRICS for h in (0, 1)))
+
 _TRIAL_NUMBERS = ("seed", "knob_value", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy")
 
 
@@ -139,9 +137,6 @@ def saved_settings(out: Path, config_text: str | None = None) -> ReportSettings:
         return build_dataclass(ReportSettings, saved or {}, "report")
     except ConfigError as e:
         raise ReportError(f"{out}/config.yaml: {e}") from None
-
-
-# ---- per-seed numbers -------------------------------------------------------------------------------
 
 
 def _order(run: Run) -> list[str]:
@@ -258,7 +253,7 @@ def _crossed(rows: list[pd.DataFrame], metric: str, crossfit: bool) -> tuple[flo
 def per_seed(run: Run, points: pd.DataFrame, final: pd.DataFrame, chosen: dict) -> pd.DataFrame:
     """One row per (algorithm, seed): every number the tables summarise, before averaging over seeds.
     `points`, `final`, `chosen`: frontier_points(run), configurations(run), chosen_knobs(run, final).
-    Best gold and area are cross-fitted (`bench.frontier.crossfit_curve`), in-sample for a run without halves."""
+    Best gold and area are cross-fitted (`bench.report.frontier.crossfit_curve`), in-sample for a run without halves."""
     s, cf = run.settings, run.crossfit
     sft_gold, floors = _sft_gold(points), _sft_halves(points, cf)
     temps = sorted(final["temperature"].unique())
@@ -302,7 +297,7 @@ def per_seed(run: Run, points: pd.DataFrame, final: pd.DataFrame, chosen: dict) 
 def paired_differences(run: Run, seeds: pd.DataFrame) -> dict[str, dict[str, Estimate]]:
     """Per algorithm other than `report.baseline`: best gold within and area to each KL budget minus the
     baseline's on the same seed (same env, pairs and reward model), mean and Student-t CI over the seeds
-    both have (`bench.frontier.paired_diff_ci`). {} when the baseline is not in the run."""
+    both have (`bench.report.frontier.paired_diff_ci`). {} when the baseline is not in the run."""
     name, level = run.settings.baseline, run.settings.confidence
     if not len(seeds) or name not in set(seeds["algorithm"]):
         return {}
@@ -336,9 +331,6 @@ def front_steps(run: Run, points: pd.DataFrame, algo: str) -> pd.DataFrame:
                           "seeds": [e.n for e in est]})
     same = (frame[["gold", "gold_ci", "seeds"]].diff().abs().fillna(1.0) == 0).all(axis=1)
     return frame[~same].reset_index(drop=True)  # only where it steps
-
-
-# ---- summaries over seeds -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -439,123 +431,6 @@ def config_table(run: Run) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.sort_values("_order").drop(columns="_order").reset_index(drop=True) if len(table) else table
-
-
-# ---- files ------------------------------------------------------------------------------------------
-
-REPORT_FILES = ("report.md", "report.csv", "configs.csv", "report.tex", "report.html",
-                "frontier.png", "frontier.svg", "temperature.png", "temperature.svg")
-
-
-def write_report(out: Path, settings: ReportSettings | None = None) -> Path:
-    """(Re)build every report file in OUT from its parquet files; returns OUT/report.md.
-    Each file is replaced atomically (`bench.results._atomic`): a killed rebuild leaves every file
-    whole, old or new. Temp files a killed writer left in OUT are removed first."""
-    from bench import plots, render
-    from bench.results import remove_stale_temps, write_bytes_atomic, write_text_atomic
-
-    run = load_run(Path(out), settings)
-    remove_stale_temps(run.out)  # only once OUT is known to be a run: never in a directory that is not
-    summary = summarize(run)
-    configs = config_table(run)
-    figures = {"frontier": plots.frontier_figure(run, summary), "temperature": plots.temperature_figure(run, summary)}
-    images = {}
-    for name, fig in figures.items():
-        images[name] = plots.to_bytes(fig, "png")
-        write_bytes_atomic(run.out / f"{name}.png", images[name])
-        write_bytes_atomic(run.out / f"{name}.svg", plots.to_bytes(fig, "svg"))
-        plots.close(fig)
-    tables = render.tables(summary, configs)
-    write_text_atomic(run.out / "report.csv", render.summary_csv(summary))
-    write_text_atomic(run.out / "configs.csv", render.configs_csv(configs))
-    write_text_atomic(run.out / "report.tex", render.latex(summary, tables))
-    write_text_atomic(run.out / "report.html", render.html(summary, tables, images))
-    path = run.out / "report.md"
-    write_text_atomic(path, render.markdown(summary, tables))
-    return path
-
-
-# ---- prefbench compare ------------------------------------------------------------------------------
-
-
-def _labels(outs: list[Path]) -> list[str]:
-    names = [p.resolve().name for p in outs]
-    return names if len(set(names)) == len(names) else [str(p) for p in outs]
-
-
-def compare(outs: list[Path], dest: Path | None = None, baseline: str | None = None) -> str:
-    """Several runs side by side: per algorithm and metric, each run's mean ± CI, and the difference
-    last − first (Welch's t over seeds); then, per run, the paired differences against its baseline
-    algorithm (`baseline`, else each run's `report.baseline`). Returns the markdown; with `dest` also
-    writes compare.md, compare.csv and compare_frontier.png/.svg there."""
-    from bench import plots, render
-    from bench.results import remove_stale_temps, write_bytes_atomic, write_text_atomic
-
-    if dest is not None:
-        _check_compare_dest(dest)
-    runs = [load_run(p) for p in outs]
-    if baseline is not None:  # a bad name is a ConfigError: one line, exit 2
-        for r in runs:
-            r.settings = build_dataclass(ReportSettings, {**dataclasses.asdict(r.settings), "baseline": baseline}, "report")
-    labels = _labels(outs)
-    summaries = [summarize(r) for r in runs]
-    budgets = sorted(set().union(*(r.settings.kl_budgets for r in runs)))
-    metrics = [(f"best_gold@{b:g}", f"best gold reward, KL ≤ {b:g}") for b in budgets]
-    metrics += [(f"area@{budgets[-1]:g}", f"area under front to {budgets[-1]:g} nats"),
-                ("win@T=1", "win rate at T=1 (chosen point)"), ("temp_spread", "temperature spread of win rate"),
-                ("train_time_s", "train time (s, all knob values)")]
-    algos = list(dict.fromkeys(a for s in summaries for a in s.algorithms))
-    rows = []
-    for algo in algos:
-        for key, label in metrics:
-            row = {"algorithm": algo, "metric": label, "key": key}
-            for name, s in zip(labels, summaries):
-                row[name] = s.metrics.get(algo, {}).get(key)
-                row[f"{name}:knob"] = s.knob_label(algo) if algo in s.metrics else "–"
-            if len(runs) >= 2:
-                first, last = (s.seeds[s.seeds["algorithm"] == algo] for s in (summaries[0], summaries[-1]))
-                have = key in first and key in last
-                row["diff"] = diff_ci(first[key], last[key], runs[0].settings.confidence) if have else None
-            if any(row[name] is not None and row[name].mean == row[name].mean for name in labels):
-                rows.append(row)
-    paired = _paired_rows(labels, summaries, budgets)
-    text = render.compare_markdown(labels, rows, runs, paired)
-    if dest is not None:
-        dest.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(dest)
-        write_text_atomic(dest / "compare.md", text)
-        write_text_atomic(dest / "compare.csv", render.compare_csv(labels, rows + paired))
-        fig = plots.compare_figure(runs, summaries, labels)
-        for ext in ("png", "svg"):
-            write_bytes_atomic(dest / f"compare_frontier.{ext}", plots.to_bytes(fig, ext))
-        plots.close(fig)
-    return text
-
-
-def _paired_rows(labels: list[str], summaries: list[Summary], budgets: list[float]) -> list[dict]:
-    """Per algorithm and metric (best gold within, area to each budget): each run's paired Δ against
-    that run's baseline (None where the run lacks the algorithm, the baseline or the budget)."""
-    algos = list(dict.fromkeys(a for s in summaries for a in s.paired))
-    rows = []
-    for algo in algos:
-        for metric, label in (("best_gold", "Δ best gold reward, KL ≤ {b}"), ("area", "Δ area under front to {b} nats")):
-            for b in budgets:
-                key = f"{metric}@{b:g}"
-                row = {"algorithm": algo, "metric": label.format(b=f"{b:g}"), "key": f"delta_{key}"}
-                row.update({name: s.paired.get(algo, {}).get(key) for name, s in zip(labels, summaries)})
-                if any(row[name] is not None and row[name].mean == row[name].mean for name in labels):
-                    rows.append(row)
-    return rows
-
-
-def _check_compare_dest(dest: Path) -> None:
-    """`compare --out` writes into a new or empty directory, or over an earlier compare's (it has
-    compare.md); never into someone else's directory, e.g. a run's."""
-    if dest.exists() and not dest.is_dir():
-        raise ReportError(f"--out {dest}: exists and is not a directory")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / "compare.md").is_file():
-        raise ReportError(f"--out {dest}: not empty and not an earlier compare's output (no compare.md); "
-                          "choose a new or empty directory")
 
 
 def params_of(run: Run) -> list[tuple[str, str, str, dict]]:

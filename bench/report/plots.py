@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from bench.frontier import gao_curve, mean_ci  # noqa: E402
+from bench.report.frontier import gao_curve, mean_ci  # noqa: E402
 
 plt.rcParams.update({"svg.hashsalt": "prefbench", "font.size": 10, "axes.titlesize": 11})
 

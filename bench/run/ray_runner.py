@@ -5,7 +5,7 @@
   each a Ray Train job (TorchTrainer, DeepSpeed in the workers).
 - `run_sweep`: ONE Ray Tune `Tuner` over the trials (algorithm × sweep point × seed). Each Tune trial
   is a driver function that builds a `TorchTrainer` (the Train V2 pattern: `Tuner(TorchTrainer)` is
-  not supported) whose workers run `bench.worker.run_trial`; algorithms that train no policy
+  not supported) whose workers run `bench.worker.trial.run_trial`; algorithms that train no policy
   (the SFT baseline, samplers) run inside the trial process itself.
 - Checkpoints: each trial's TorchTrainer has a stable name (`trial-<id>`) in the run's storage, a
   `FailureConfig` and `CheckpointConfig(num_to_keep=1)`; a restarted worker group, or the same
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,12 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from algorithms import ALGORITHMS
-from bench import say, worker
+from bench import say
+from bench.results import trial_dir
+from bench.worker.faults import FAULTS_ENV
+from bench.worker import stages
+from bench.worker.stages import StagePayload
+from bench.worker.trial import TrialPayload, run_trial
 from bench.config import ScalingSettings, SuiteConfig, TrialSpec
 
 QUIET_ENV = {
@@ -57,9 +63,9 @@ def logical_cpus(suite: SuiteConfig) -> int:
 
 def _worker_env() -> dict:
     """Environment of every Ray worker: quiet libraries, and the fault-injection list when a test set one."""
-    faults = os.environ.get(worker.FAULTS_ENV)
+    faults = os.environ.get(FAULTS_ENV)
     train_env = {k: os.environ[k] for k in (*TRAIN_ENV, *LOCAL_TRAIN_ENV) if k in os.environ}  # see start_ray
-    return {**QUIET_ENV, **train_env, **({worker.FAULTS_ENV: faults} if faults else {})}
+    return {**QUIET_ENV, **train_env, **({FAULTS_ENV: faults} if faults else {})}
 
 
 def start_ray(suite: SuiteConfig, address: str | None) -> None:
@@ -119,11 +125,11 @@ def _node_id() -> str:
 
 # ------------------------------------------------------------------------- shared stages
 def _env_loop(payload: dict) -> None:
-    worker.run_env_stage(payload, report=_report)
+    stages.run_env_stage(StagePayload(**payload), report=_report)
 
 
 def _rm_loop(payload: dict) -> None:
-    worker.run_rm_stage(payload, report=_report)
+    stages.run_rm_stage(StagePayload(**payload), report=_report)
 
 
 def _fit_off_main_thread(trainer: TorchTrainer):
@@ -149,12 +155,12 @@ def _fit_off_main_thread(trainer: TorchTrainer):
     return box["result"]
 
 
-def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str | Path) -> float:
+def _run_stage(loop, payload: StagePayload, suite: SuiteConfig, name: str, storage: str | Path) -> float:
     """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers); returns its wall time in s."""
     t0 = time.time()
     trainer = TorchTrainer(
         loop,
-        train_loop_config={**payload, "threads": _threads(suite, 1)},
+        train_loop_config=dataclasses.asdict(dataclasses.replace(payload, threads=_threads(suite, 1))),
         scaling_config=_scaling(suite.scaling),
         run_config=ray_train.RunConfig(
             name=f"{name}-{int(time.time())}", storage_path=str(storage),
@@ -167,13 +173,13 @@ def _run_stage(loop, payload: dict, suite: SuiteConfig, name: str, storage: str 
 
 def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> float:
     """SFT the env's initial policy in `env_dir` (built already) and write its data; returns the job's wall time."""
-    payload = {"suite": suite_dict, "env_dir": str(env_dir), "seed": seed}
+    payload = StagePayload(suite=suite_dict, env_dir=str(env_dir), seed=seed)
     return _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
 
 
 def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: str | Path) -> float:
     """Train the shared reward model of (env, seed) into `rm_dir`; returns the job's wall time."""
-    payload = {"suite": suite_dict, "env_dir": str(env_dir), "rm_dir": str(rm_dir), "seed": seed}
+    payload = StagePayload(suite=suite_dict, env_dir=str(env_dir), seed=seed, rm_dir=str(rm_dir))
     return _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
 
 
@@ -181,30 +187,30 @@ def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path,
 def _trial_loop(payload: dict) -> None:
     """A Train worker of a trial: resume from the run's latest checkpoint when there is one (a
     worker restarted by FailureConfig, or `prefbench run --resume`)."""
-    payload = {**payload, "node_id": _node_id()}
+    payload = TrialPayload(**{**payload, "node_id": _node_id()})
     checkpoint = ray_train.get_checkpoint()
     if checkpoint is None:
-        worker.run_trial(payload, report=_report)
+        run_trial(payload, report=_report)
         return
     with checkpoint.as_directory() as path:
-        worker.run_trial({**payload, "resume_from": path}, report=_report)
+        run_trial(dataclasses.replace(payload, resume_from=path), report=_report)
 
 
 def _trial_driver(config: dict, static: dict) -> None:
     """A Tune trial: run one TrialSpec, in Train workers if it trains a policy, else right here."""
     spec = config["trial"]
-    payload = {
-        "suite": static["suite"], "env_dir": static["env_dirs"][str(spec["seed"])], "trial": spec,
-        "rm_dir": static["rm_dirs"].get(str(spec["seed"])),
-        "trial_dir": str(Path(static["out"]) / "trials" / spec["trial_id"]), "threads": static["threads"],
-    }
+    payload = TrialPayload(
+        suite=static["suite"], trial=spec, env_dir=static["env_dirs"][str(spec["seed"])],
+        trial_dir=str(trial_dir(static["out"], spec["trial_id"])), rm_dir=static["rm_dirs"].get(str(spec["seed"])),
+        threads=static["threads"],
+    )
     if not ALGORITHMS.get(spec["algorithm"]).trains_policy:
-        worker.run_trial({**payload, "node_id": _node_id()}, report=_tune_report)
+        run_trial(dataclasses.replace(payload, node_id=_node_id()), report=_tune_report)
         return
     scaling = ScalingSettings(**static["scaling"])
     trainer = TorchTrainer(
         _trial_loop,
-        train_loop_config=payload,
+        train_loop_config=dataclasses.asdict(payload),  # a plain dict, as Ray Train expects
         scaling_config=_scaling(scaling),
         run_config=ray_train.RunConfig(
             # a stable name: a rerun (--resume) finds this trial's checkpoints in the same storage
@@ -238,7 +244,7 @@ class Progress(tune.Callback):
         say(f"[prefbench] start {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "stopped" in result:  # a numerical fault (bench.worker.run_trial): no retry, the reason recorded
+        if "stopped" in result:  # a numerical fault (bench.worker.trial.run_trial): no retry, the reason recorded
             self.stopped.add(self._name(trial))
             say(f"[prefbench]   {self._name(trial)} stopped: {result['stopped']}")
             return
@@ -283,7 +289,6 @@ def run_sweep(
     trial_id → seconds from Tune starting the trial to its end (completed trials). `suite_trials`:
     the suite's number of trials when `trials` is the part left to run (--resume): threads per trial
     follow the whole suite (see `_threads`)."""
-    import dataclasses
 
     concurrent = min(suite.scaling.max_concurrent_trials, len(trials))
     threads = _threads(suite, min(suite.scaling.max_concurrent_trials, suite_trials or len(trials)))

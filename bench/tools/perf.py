@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from bench.tools.common import versions
+
 WARMUP_STEPS = 3  # optimizer steps excluded from the median (first-touch allocations, autotuning)
 GENERATE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -66,7 +68,7 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
     """Prepare (or reuse) the env, run every part in its own process `rounds` times (interleaved, so
     a slow spell of a shared machine hits ours and TRL alike), return the medians over rounds."""
     from bench.export import SET_KEYS, export_env, export_suite, is_allowed, prepared_env
-    from bench.run import UserError
+    from bench.errors import UserError
 
     if min(steps, ppo_steps, repeats, rounds) < 1:
         raise UserError("--steps, --ppo-steps, --repeats and --rounds must be >= 1")
@@ -97,7 +99,7 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
             results[part] = median_merge(runs[part])
     results["rounds"] = rounds
     results.update(_ratios(results))
-    results["versions"] = _versions(vs_trl)
+    results["versions"] = versions("cpu", ("trl", "accelerate") if vs_trl else ())
     return results
 
 
@@ -109,7 +111,7 @@ def _run_part(part: str, config: PerfConfig, tmp: Path) -> dict:
     cfg.write_text(json.dumps(dataclasses.asdict(config)))
     say(f"[prefbench] perf: {part}")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.perf", part, str(cfg), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.tools.perf", part, str(cfg), str(out)],
                           capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
@@ -142,18 +144,6 @@ def _ratios(r: dict) -> dict:
     if "trl" in r:
         out["dpo_vs_trl"] = r["dpo"]["train"]["tokens_per_s"] / r["trl"]["dpo"]["tokens_per_s"]
         out["rm_vs_trl"] = r["rm"]["train"]["tokens_per_s"] / r["trl"]["rm"]["tokens_per_s"]
-    return out
-
-
-def _versions(vs_trl: bool) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
-    for name in ("torch", "deepspeed", "transformers") + (("trl", "accelerate") if vs_trl else ()):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
     return out
 
 
@@ -236,7 +226,7 @@ def _settings(cfg: PerfConfig, steps: int):
 
 def _deepspeed(trainables, settings):
     from bench.config import DeepSpeedSettings
-    from bench.worker import single_process_dist_env, wrap_with_deepspeed
+    from bench.worker.engine import single_process_dist_env, wrap_with_deepspeed
 
     single_process_dist_env()
     return wrap_with_deepspeed(trainables, settings, DeepSpeedSettings(), 1)
@@ -488,7 +478,7 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
         wall = time.perf_counter() - t0
         relay.join(timeout=10)
         if proc.returncode == 2:  # the run's own one-line user error (e.g. an env that cannot be reached)
-            from bench.run import UserError
+            from bench.errors import UserError
 
             last = next((line.strip() for line in reversed(lines) if line.startswith("prefbench: error:")), "")
             raise UserError(last.removeprefix("prefbench: error:").strip() or "prefbench run exited with 2")
@@ -501,7 +491,7 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
         "some_trials_failed": proc.returncode == 1,
         "peak_pss_gib": round(peak[0] / 2**30, 3), "peak_rss_sum_gib": round(peak[1] / 2**30, 3),
         "processes_at_peak": peak[2], "memory_interval_s": interval_s, "timing": timing,
-        "versions": _versions(False),
+        "versions": versions("cpu"),
     }
 
 
@@ -580,9 +570,9 @@ def format_perf(r: dict) -> str:
 
 def main() -> None:
     part, cfg_path, out_path = sys.argv[1:4]
-    from bench.worker import _quiet
+    from bench.worker.engine import quiet_libraries
 
-    _quiet()
+    quiet_libraries()
     import resource
 
     cfg = PerfConfig(**json.loads(Path(cfg_path).read_text()))
