@@ -23,7 +23,6 @@ already (" like"), a word-level env's ("like") get one here.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import inspect
@@ -31,8 +30,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +39,7 @@ from bench import __version__, say
 from bench.config import ConfigError, SuiteConfig, apply_override, build_dataclass, env_params, validate
 from bench.results import remove_stale_temps
 from bench.errors import UserError
-from bench.run.prepare import cache_root, check_env_reachable, env_cache_dir, env_key, prepare_env
+from bench.run.prepare import cache_root, prepared_env
 from envs import ENVS
 
 # --set keys export-env takes: what defines the env (and its cache key), and how its SFT stage runs
@@ -82,25 +79,13 @@ def is_allowed(key: str, allowed: tuple[str, ...]) -> bool:
     return any(key == k or key.startswith(k + ".") for k in allowed)
 
 
-def prepared_env(suite: SuiteConfig, seed: int, address: str | None = None) -> Path:
-    """The cached env of `suite` and `seed`, prepared first (Ray + the SFT stage) if it is not cached yet."""
-    check_env_reachable(suite)
-    env_dir = env_cache_dir(suite, seed)
-    if (env_dir / "DONE").exists():  # no Ray needed
-        say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {env_dir}")
-    else:
-        _prepare(suite, seed, address)  # says where it cached the env
-    _check_data(suite, seed, env_dir)
-    return env_dir
-
-
 def export_env(env_name: str, dest: str | Path, overrides: list[str], seed: int = 0, address: str | None = None) -> Path:
     """Prepare (or reuse) the env and write it to `dest`; a failure leaves nothing there."""
     suite = export_suite(env_name, overrides, seed)  # ConfigError before anything starts
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UserError(f"{dest}: already exists and is not an empty directory")
-    env_dir = prepared_env(suite, seed, address)
+    env_dir = prepared_env(suite, seed, address, needs={"pairs"})
 
     final = dest.resolve()
     created = _missing_ancestor(final.parent)
@@ -131,36 +116,6 @@ def _missing_ancestor(path: Path) -> Path | None:
     while not path.exists():
         missing, path = path, path.parent
     return missing
-
-
-def _prepare(suite: SuiteConfig, seed: int, address: str | None) -> None:
-    """Build + SFT the env as `prefbench run` does: Ray (embedded or --address), the env stage as a Ray Train job."""
-    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
-    # stdout carries only DIR: what libraries print (DeepSpeed's logger binds to stdout on import) goes to stderr
-    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="prefbench-export-") as scratch:
-        from bench.run import ray_runner
-        from bench.worker.engine import quiet_libraries
-
-        quiet_libraries()
-        # Ray Train's checkpoints of the SFT job: nothing an export keeps
-        storage = (f"{suite.storage_path.rstrip('/')}/export-{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
-                   if suite.storage_path else scratch)
-        ray_runner.start_ray(suite, address)
-        try:
-            prepare_env(suite, suite_dict, seed, storage)
-        finally:
-            ray_runner.stop_ray()
-
-
-def _check_data(suite: SuiteConfig, seed: int, env_dir: Path) -> None:
-    from envs.base import load_env_data
-
-    data = load_env_data(env_dir)
-    where = f"env {suite.env.name} (seed {seed})"
-    if len(data.pairs) == 0:
-        raise UserError(f"{where} produced no preference pairs; check env.params (e.g. min_gold_gap)")
-    if not data.eval_prompts:
-        raise UserError(f"{where} has no eval prompts; check env.params")
 
 
 def _joined(texts: pd.Series) -> pd.Series:

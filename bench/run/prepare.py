@@ -177,8 +177,10 @@ def check_env_reachable(suite: SuiteConfig) -> None:
         raise UserError(str(e)) from None
 
 
-def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
-    """An env that came out empty is a user-fixable problem (its params), not a crash mid-sweep."""
+def check_env_data(suite: SuiteConfig, seed: int, workdir: Path, needs: set[str] | None = None) -> None:
+    """An env that came out empty, or whose prompts do not fit the policy's context, is a user-fixable
+    problem (its params), not a crash mid-sweep. `needs`: what the env must provide (default: what
+    the suite's algorithms need; export-env: the pairs)."""
     from algorithms import ALGORITHMS
     from envs.base import load_env_data
 
@@ -186,7 +188,8 @@ def check_env_data(suite: SuiteConfig, seed: int, workdir: Path) -> None:
     where = f"env {suite.env.name} (seed {seed})"
     if not data.eval_prompts:
         raise UserError(f"{where} has no eval prompts; check env.params")
-    needs = set().union(*(ALGORITHMS.get(a.name).needs for a in suite.algorithms))
+    if needs is None:
+        needs = set().union(*(ALGORITHMS.get(a.name).needs for a in suite.algorithms))
     if "pairs" in needs and len(data.pairs) == 0:
         raise UserError(f"{where} produced no preference pairs; check env.params (e.g. min_gold_gap)")
     if "prompts" in needs and not data.train_prompts:
@@ -219,3 +222,40 @@ def context_problem(model_dir: Path, prompts: list[str], max_new_tokens: int) ->
     return (f"{too_long} of {len(prompts)} prompts (eval, and train for algorithms that sample them) do not fit the "
             f"policy's context of {context} tokens with eval.max_new_tokens={max_new_tokens}: the longest is "
             f"{longest} tokens; set eval.max_new_tokens <= {context - longest}")
+
+
+def prepared_env(suite: SuiteConfig, seed: int, address: str | None = None, needs: set[str] | None = None) -> Path:
+    """The cached env of `suite` and `seed` outside a run (export-env, perf): prepared first if it is not
+    cached yet, exactly as `prefbench run` prepares it (Ray embedded or --address, the env stage as a
+    Ray Train job), then checked as a run checks it (`check_env_data`)."""
+    check_env_reachable(suite)
+    env_dir = env_cache_dir(suite, seed)
+    if (env_dir / "DONE").exists():  # no Ray needed
+        say(f"[prefbench] env {suite.env.name} seed {seed}: cached at {env_dir}")
+    else:
+        _prepare_alone(suite, seed, address)  # says where it cached the env
+    check_env_data(suite, seed, env_dir, needs)
+    return env_dir
+
+
+def _prepare_alone(suite: SuiteConfig, seed: int, address: str | None) -> None:
+    """Start Ray, prepare the env of `seed`, stop Ray. stdout stays clean (export-env prints only DIR
+    there): what libraries print (DeepSpeed's logger binds to stdout on import) goes to stderr."""
+    import contextlib
+    import sys
+    import tempfile
+
+    from bench.run import ray_runner
+    from bench.worker.engine import quiet_libraries
+
+    suite_dict = json.loads(json.dumps(dataclasses.asdict(suite)))
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="prefbench-env-") as scratch:
+        quiet_libraries()
+        # Ray Train's checkpoints of the SFT job: nothing kept
+        storage = (f"{suite.storage_path.rstrip('/')}/env-{suite.env.name}-seed{seed}-{env_key(suite, seed)}"
+                   if suite.storage_path else scratch)
+        ray_runner.start_ray(suite, address)
+        try:
+            prepare_env(suite, suite_dict, seed, storage)
+        finally:
+            ray_runner.stop_ray()

@@ -24,12 +24,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.tools.common import versions
+from bench.tools.common import run_child, versions
 
 TAG = "DETERMINISM_RESULT "
 MODES = ("default", "deterministic")
@@ -127,10 +126,11 @@ def run(args: argparse.Namespace) -> dict:
                    "--n-embd", str(args.n_embd), "--pairs", str(args.pairs), *(["--bf16"] if args.bf16 else [])]
             env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
                    **({"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if mode == "deterministic" else {})}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith(TAG)]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"{mode} run {i + 1} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            proc = run_child(cmd, env=env)
+            lines = [x for x in proc["stdout_lines"] if x.startswith(TAG)]
+            if proc["returncode"] or not lines:
+                tail = "\n".join(proc["stdout_lines"])[-2000:]
+                raise RuntimeError(f"{mode} run {i + 1} failed (exit {proc['returncode']}): {tail}")
             runs.setdefault(mode, []).append(json.loads(lines[-1][len(TAG):]))
             print(f"[determinism] {mode} run {i + 1}: final loss {runs[mode][-1]['final_loss']:.6f}, "
                   f"weights {runs[mode][-1]['weights_sha']}", file=sys.stderr, flush=True)

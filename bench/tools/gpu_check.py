@@ -39,14 +39,12 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bench.tools.common import versions
+from bench.tools.common import run_child, versions
 
 PROG = "prefbench gpu_check"
 RESERVE_S = 10  # of --time-budget, kept for collecting results and printing the table
@@ -180,59 +178,6 @@ def check_device(args: argparse.Namespace) -> None:
 
 def say(msg: str) -> None:
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------- subprocesses
-def run_logged(cmd: list[str], log: Path, timeout: int, env: dict | None = None, echo: str | None = None) -> dict:
-    """Run `cmd` in its own process group, stdout+stderr into `log`; lines starting with `echo` are
-    also shown on stderr (progress). On timeout the whole group is stopped (TERM, then KILL).
-    Returns {returncode, timed_out, wall_s, stdout_lines}."""
-    t0 = time.time()
-    lines: list[str] = []
-    with log.open("w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True, bufsize=1)
-
-        def pump() -> None:
-            try:
-                for line in proc.stdout:
-                    f.write(line)
-                    f.flush()
-                    lines.append(line.rstrip("\n"))
-                    if echo and line.startswith(echo):
-                        print("    " + line.rstrip(), file=sys.stderr, flush=True)
-            except ValueError:  # the log was closed: we stopped waiting for a grandchild holding the pipe
-                pass
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop_group(proc)
-        except BaseException:  # Ctrl-C or SIGTERM: the child has its own session, so stop it ourselves
-            _stop_group(proc)
-            raise
-        reader.join(timeout=10)  # a leftover grandchild may hold the pipe: don't wait for it
-    return {"returncode": proc.returncode, "timed_out": timed_out, "wall_s": round(time.time() - t0, 1),
-            "stdout_lines": lines}
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(log: Path, n: int = 25) -> str:
@@ -379,7 +324,7 @@ def run_throughput(args: argparse.Namespace, stage: int, work: Path, timeout: in
     say(f"throughput ZeRO-{stage}: {args.n_layer} layers x {args.n_embd}, {args.prompts} prompts x {args.samples} "
         f"samples x <= {args.max_new_tokens} tokens, DPO {args.pairs} pairs/step (log: {log})")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    proc = run_logged(cmd, log, timeout, env=env)
+    proc = run_child(cmd, log=log, timeout=timeout, env=env)
     found = [line[len(RESULT_TAG):] for line in proc["stdout_lines"] if line.startswith(RESULT_TAG)]
     if found:
         result = json.loads(found[-1])
@@ -431,7 +376,7 @@ def run_suite(args: argparse.Namespace, stage: int, work: Path, cache: Path, tim
         cmd += ["--set", s]
     say(f"suite ZeRO-{stage}: prefbench run (sft, dpo, ppo) with {' '.join(sets)} (log: {log})")
     env = {**os.environ, "PREFBENCH_CACHE": str(cache)}
-    proc = run_logged(cmd, log, timeout, env=env, echo="[prefbench]")
+    proc = run_child(cmd, log=log, timeout=timeout, env=env, echo="[prefbench]")
     result = {"zero_stage": stage, "out": str(out), "log": str(log), "returncode": proc["returncode"],
               "wall_s": proc["wall_s"], "trials": {}, "problems": [], "warnings": []}
     problems = result["problems"]

@@ -32,15 +32,13 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from bench.tools.common import versions
+from bench.tools.common import run_child, versions
 
 WARMUP_STEPS = 3  # optimizer steps excluded from the median (first-touch allocations, autotuning)
 GENERATE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -67,7 +65,8 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
              repeats: int = 3, rounds: int = 1, vs_trl: bool = False, address: str | None = None) -> dict:
     """Prepare (or reuse) the env, run every part in its own process `rounds` times (interleaved, so
     a slow spell of a shared machine hits ours and TRL alike), return the medians over rounds."""
-    from bench.export import SET_KEYS, export_env, export_suite, is_allowed, prepared_env
+    from bench.export import SET_KEYS, export_env, export_suite, is_allowed
+    from bench.run.prepare import prepared_env
     from bench.errors import UserError
 
     if min(steps, ppo_steps, repeats, rounds) < 1:
@@ -79,7 +78,7 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
             raise UserError("--vs trl needs TRL installed (pip install trl)")
     # validated like a run's env section, plus the shapes (train.batch_size, train.lr, eval.*)
     suite = export_suite(env_name, overrides, seed, command="perf", allowed=SET_KEYS + ("train", "eval"))
-    env_dir = prepared_env(suite, seed, address)
+    env_dir = prepared_env(suite, seed, address, needs={"pairs", "prompts"})  # DPO and PPO
     config = PerfConfig(
         env_dir=str(env_dir), export_dir=None, steps=steps, batch_size=suite.train.batch_size, lr=suite.train.lr,
         beta=0.1, max_new_tokens=suite.eval.max_new_tokens, eval_num_prompts=suite.eval.num_prompts,
@@ -111,10 +110,10 @@ def _run_part(part: str, config: PerfConfig, tmp: Path) -> dict:
     cfg.write_text(json.dumps(dataclasses.asdict(config)))
     say(f"[prefbench] perf: {part}")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.tools.perf", part, str(cfg), str(out)],
-                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    proc = run_child([sys.executable, "-m", "bench.tools.perf", part, str(cfg), str(out)],
+                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc["returncode"] != 0:
+        tail = " | ".join(line.strip() for line in proc["stdout_lines"][-3:])
         raise RuntimeError(f"perf part {part} failed: {tail}")
     numbers = json.loads(out.read_text())
     numbers["process_s"] = round(time.perf_counter() - t0, 2)
@@ -465,42 +464,36 @@ def run_suite_perf(suite_path: str | None, overrides: list[str], *, cold: bool =
             env["PREFBENCH_CACHE"] = str(Path(tmp) / "cache")
         cmd = [sys.executable, "-m", "bench.cli", "run", *([suite_path] if suite_path else []), "--out", str(out)]
         cmd += [a for o in overrides for a in ("--set", o)] + (["--address", address] if address else [])
-        lines: list[str] = []
+        root, peak = None, (0.0, 0.0, 0)
+
+        def sample(pid: int) -> None:  # the run's process tree, every interval_s
+            nonlocal root, peak
+            try:
+                root = root or psutil.Process(pid)
+                peak = max(peak, tree_memory(root))
+            except psutil.NoSuchProcess:  # it has just ended
+                pass
+
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        relay = threading.Thread(target=_relay_progress, args=(proc.stdout, lines), daemon=True)
-        relay.start()
-        root = psutil.Process(proc.pid)
-        peak = (0.0, 0.0, 0)
-        while proc.poll() is None:
-            peak = max(peak, tree_memory(root))
-            time.sleep(interval_s)
+        proc = run_child(cmd, env=env, echo="[prefbench]", poll=sample, poll_s=interval_s)
         wall = time.perf_counter() - t0
-        relay.join(timeout=10)
-        if proc.returncode == 2:  # the run's own one-line user error (e.g. an env that cannot be reached)
+        lines, code = proc["stdout_lines"], proc["returncode"]
+        if code == 2:  # the run's own one-line user error (e.g. an env that cannot be reached)
             from bench.errors import UserError
 
             last = next((line.strip() for line in reversed(lines) if line.startswith("prefbench: error:")), "")
             raise UserError(last.removeprefix("prefbench: error:").strip() or "prefbench run exited with 2")
-        if proc.returncode not in (0, 1):  # 1: some trials failed, the run and its timing.json are complete
+        if code not in (0, 1):  # 1: some trials failed, the run and its timing.json are complete
             tail = " | ".join(line.strip() for line in lines[-3:])
-            raise RuntimeError(f"prefbench run failed (exit {proc.returncode}): {tail}")
+            raise RuntimeError(f"prefbench run failed (exit {code}): {tail}")
         timing = json.loads((out / "timing.json").read_text())
     return {
         "suite": suite_path or "quick", "overrides": overrides, "cold": cold, "wall_s": round(wall, 1),
-        "some_trials_failed": proc.returncode == 1,
+        "some_trials_failed": code == 1,
         "peak_pss_gib": round(peak[0] / 2**30, 3), "peak_rss_sum_gib": round(peak[1] / 2**30, 3),
         "processes_at_peak": peak[2], "memory_interval_s": interval_s, "timing": timing,
         "versions": versions("cpu"),
     }
-
-
-def _relay_progress(stream, lines: list[str]) -> None:
-    """Pass the run's own progress lines on to our stderr; keep every line for an error message."""
-    for line in stream:
-        lines.append(line)
-        if line.startswith("[prefbench]"):
-            sys.stderr.write(line)
 
 
 def format_suite_perf(r: dict) -> str:
