@@ -45,6 +45,17 @@ from algorithms.policy import Policy
 
 
 class Env(Protocol):
+    """The members every env has: what `contract_problems` checks at registration (docs/plugins.md).
+
+    Besides these, an env has its gold reward as ONE of
+    - `gold(prompts, completions) -> (N,) float array`: a fixed function (VADER, a classifier), or
+    - `gold_for(params, workdir) -> that function`: one bound to a prepared env (tldr: the judge and
+      each prompt's human reference summary);
+    `envs.base.gold_fn(env, params, workdir)` picks it and checks what it returns. Optional:
+    `preflight(params)` (raise envs.hub.Unavailable when a model or dataset is out of reach) and an
+    int `version` (part of the cache key).
+    """
+
     name: str
     params_cls: type
 
@@ -53,7 +64,6 @@ class Env(Protocol):
     def sft_settings(self, params) -> TrainSettings: ...
     def load_policy(self, workdir: Path, stage: str) -> Policy: ...
     def finish(self, sft: Policy, params, seed: int, workdir: Path) -> None: ...
-    def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray: ...
 
 
 class GoldRewardError(ValueError):

@@ -146,10 +146,6 @@ class Tldr:
     params_cls = TldrParams
     version = 1  # part of the cache key: bump when what build/SFT/finish produce changes
 
-    def gold(self, prompts: list[str], completions: list[str]) -> np.ndarray:
-        raise RuntimeError("env tldr: the gold reward needs the judge (env.params.judge) and each prompt's human "
-                           "reference summary; use envs.base.gold_fn(env, params, workdir) (= env.gold_for)")
-
     def gold_for(self, params: TldrParams, workdir: Path) -> Callable[[list[str], list[str]], np.ndarray]:
         """P(completion beats the human reference summary of its prompt), by the params' judge."""
         table = pd.read_parquet(Path(workdir) / "summaries.parquet")

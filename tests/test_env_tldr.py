@@ -329,8 +329,11 @@ def test_reward_model_gold_is_sigmoid_of_reward_difference_to_the_human_referenc
 
     with pytest.raises(ValueError, match="env tldr: no human reference summary for 1 prompt"):
         gold_fn(env, params, workdir)(["SUBREDDIT: r/x\nTITLE: t\nPOST: unknown\nTL;DR:"], ["y"])
-    with pytest.raises(RuntimeError, match="env tldr: the gold reward needs the judge"):
-        env.gold(prompts, completions)
+    # its gold reward exists only bound to a prepared env (judge + human references): no unbound `gold`,
+    # which the Env contract allows (contract_problems: gold or gold_for)
+    from envs.base import contract_problems
+
+    assert not hasattr(env, "gold") and contract_problems(env) == []
 
 
 def test_endpoint_judge_asks_the_paper_prompt_and_gives_win_rates(built, server):
