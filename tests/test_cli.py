@@ -1,4 +1,5 @@
-"""`prefbench list`, `run --dry-run` and user errors of the CLI (as subprocesses)."""
+"""`prefbench list`, `run --dry-run` and user errors of the CLI: as subprocesses where the process matters
+(what a dry run imports, the console entry), in this process (`bench.cli.main`) for the rest."""
 
 from __future__ import annotations
 
@@ -22,12 +23,25 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "bench.cli", "run", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path):
+def _main(capsys, *args) -> subprocess.CompletedProcess:
+    """`prefbench ARGS` in this process, as the console script calls it: exit code, stdout, stderr."""
+    from bench.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path, capsys):
     # no Ray starts for any of these: the checks come first
-    missing = _run("--out", str(tmp_path / "nothing"), "--resume")
+    missing = _main(capsys, "run", "--out", str(tmp_path / "nothing"), "--resume")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].endswith("holds no prefbench run (no config.yaml)")
-    no_out = _run("--resume")
+    no_out = _main(capsys, "run", "--resume")
     assert no_out.returncode == 2 and "--resume needs --out" in no_out.stderr
 
     from bench.config import load_suite, to_yaml
@@ -35,9 +49,9 @@ def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text(to_yaml(load_suite(None, ["train.steps=10"])))
-    other = _run("--out", str(out), "--resume", "--set", "train.steps=20")
+    other = _main(capsys, "run", "--out", str(out), "--resume", "--set", "train.steps=20")
     assert other.returncode == 2 and "differ from those of the run" in other.stderr
-    fresh = _run("--out", str(out), "--set", "train.steps=10")  # not empty, a prefbench run: suggest --resume
+    fresh = _main(capsys, "run", "--out", str(out), "--set", "train.steps=10")  # not empty, a prefbench run: suggest --resume
     assert fresh.returncode == 2 and "add --resume to continue it" in fresh.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]  # nothing touched
 
@@ -72,8 +86,8 @@ def test_dry_run_still_validates_the_suite():
     assert bad.stderr.strip() == "prefbench: error: train.steps: must be an integer >= 1"
 
 
-def test_paper_suites_validate_with_dry_run():
+def test_paper_suites_validate_with_dry_run(capsys):
     for suite in ("smol.yaml", "smol-quick.yaml", "paper-imdb.yaml", "paper-tldr.yaml"):
-        proc = _run(f"bench/suites/{suite}", "--dry-run")
+        proc = _main(capsys, "run", f"bench/suites/{suite}", "--dry-run")
         assert proc.returncode == 0, (suite, proc.stderr[-2000:])
         assert proc.stdout.splitlines()[-1] == "dry run: nothing was started or written"

@@ -43,7 +43,10 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_checks_zero0_and_zero3_through_both_parts(tmp_path):
+def test_cpu_dry_run_checks_zero3_through_both_parts(tmp_path):
+    """The check's whole path on CPU for one stage, ZeRO-3 (the one that shards: its loop is the same
+    for every stage). That ZeRO-3 trains like ZeRO-0 is tests/test_deepspeed.py's (in one process) and
+    tests/test_e2e.py's (2 Ray workers, ZeRO-2 and 3) to show; one stage here halves the test."""
     out = tmp_path / "gpu_check.json"
     tiny_throughput = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--prompts", "8", "--samples", "2",
                        "--max-new-tokens", "8", "--pairs", "4", "--repeats", "2"]
@@ -53,28 +56,23 @@ def test_cpu_dry_run_checks_zero0_and_zero3_through_both_parts(tmp_path):
         "env.params.num_reviews=500", "env.params.num_train_prompts=40", "env.params.num_eval_prompts=16",
         "eval.num_prompts=16", "eval.samples_per_prompt=2",
         "algorithms=[{name: ppo, train: {steps: 2, eval_every: 2}, sweep: {kl_coef: [0.1]}}]")]
-    proc = gpu_check("--device", "cpu", "--zero-stages", "0", "3", *tiny_throughput, *tiny_suite,
+    proc = gpu_check("--device", "cpu", "--zero-stages", "3", *tiny_throughput, *tiny_suite,
                      "--work-dir", str(tmp_path / "work"), "--json", str(out), "--time-budget", "1700",
                      "--suite-timeout", "900", "--throughput-timeout", "300", timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["ok"] and report["failures"] == []
-    assert [s["zero_stage"] for s in report["stages"]] == [0, 3]
+    assert [s["zero_stage"] for s in report["stages"]] == [3]
     for stage in report["stages"]:
         tp, suite = stage["throughput"], stage["suite"]
         assert tp["ok"] and tp["gen_tokens_per_s"] > 0 and tp["train_tokens_per_s"] > 0 and tp["peak_memory_gib"] > 0
         assert tp["engine"] == "DeepSpeedEngine" and tp["dtype"] == "float32"
-        assert tp["zero3_partitioned"] == (stage["zero_stage"] == 3)  # ZeRO-3 really sharded the parameters
+        assert tp["zero3_partitioned"]  # ZeRO-3 really sharded the parameters
         assert suite["ok"] and suite["returncode"] == 0
         trials = suite["trials"]
         assert {t["algorithm"] for t in trials.values()} == {"sft", "ppo"}
         assert all(t["status"] == "ok" for t in trials.values()), trials
         assert all(0 <= t["gold_reward_t1"] <= 1 for t in trials.values())
-    # ZeRO-3 is invisible to the algorithm: on one fp32 CPU worker PPO (rollouts from gathered shards,
-    # sharded steps) ends where ZeRO-0 ends
-    ppo = [next(t for t in s["suite"]["trials"].values() if t["algorithm"] == "ppo") for s in report["stages"]]
-    for key in ("gold_reward_t1", "kl_t1"):
-        assert ppo[1][key] == pytest.approx(ppo[0][key], rel=1e-3, abs=1e-3), key
     # the table names each stage and the verdict
     assert "RESULT: PASS" in proc.stdout
     assert "ppo-kl_coef=0.1-seed0" in proc.stdout

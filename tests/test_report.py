@@ -187,7 +187,7 @@ def test_report_settings_come_from_the_runs_config(tmp_path):
     assert summarize(load_run(tight)).chosen["dpo"] == ((1.0, pytest.approx(0.8), False),) * 2
 
 
-def test_report_command(tmp_path):
+def test_report_command(tmp_path, capsys):
     out = make_run(tmp_path / "run", seeds=(0,))
     proc = cli("report", out, "--kl-budgets", "2,0.5", "--temperature-kl-budget", "6", "--baseline", "best-of-n")
     assert proc.returncode == 0, proc.stderr
@@ -200,14 +200,26 @@ def test_report_command(tmp_path):
     for args, words in (((tmp_path / "missing",), "no evals.parquet"), ((out, "--kl-budgets", "a,b"), "--kl-budgets"),
                         ((out, "--kl-budgets", "-1"), "report.kl_budgets"), ((out, "--temperature-kl-budget", "0"), "temperature_kl_budget"),
                         ((out, "--baseline", ""), "report.baseline")):
-        proc = cli("report", *args)
-        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        code, err = _main(capsys, "report", *args)  # in process: the user errors need no interpreter of their own
+        assert code == 2 and words in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "evals.parquet").write_bytes(b"PAR1 truncated")
     (tmp_path / "broken" / "trials.parquet").write_bytes(b"")
-    proc = cli("report", tmp_path / "broken")
-    assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _main(capsys, "report", tmp_path / "broken")
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    """`prefbench ARGS` in this process (bench.cli.main, as the console script calls it): (exit code, stderr)."""
+    from bench.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def test_compare_puts_runs_side_by_side_with_welch_differences(tmp_path):

@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # two training processes (~1 min on 2 cores): the fast tier stays under 5 min
 def test_the_same_training_twice_is_identical_on_cpu(tmp_path):
     report = tmp_path / "determinism.json"
     proc = subprocess.run(
