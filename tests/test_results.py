@@ -51,13 +51,13 @@ def test_collect_marks_failures_and_report_aggregates_seeds(tmp_path):
 
 
 def test_the_committed_results_rebuild_their_report_byte_for_byte(tmp_path):
-    """results/quick is what the code produces: its report files, rebuilt by
+    """results/quick and results/smol-quick are what the code produces: their report files, rebuilt by
     `write_report` from the committed parquet files, equal the committed ones byte for byte (the text
     files; the plots' bytes depend on the matplotlib build)."""
     import shutil
     from pathlib import Path
 
-    for name in ("quick",):
+    for name in ("quick", "smol-quick"):
         committed = Path(__file__).resolve().parent.parent / "results" / name
         if not (committed / "evals.parquet").is_file():
             continue
