@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,10 +243,6 @@ def prepared_env(suite: SuiteConfig, seed: int, address: str | None = None, need
 def _prepare_alone(suite: SuiteConfig, seed: int, address: str | None) -> None:
     """Start Ray, prepare the env of `seed`, stop Ray. stdout stays clean (export-env prints only DIR
     there): what libraries print (DeepSpeed's logger binds to stdout on import) goes to stderr."""
-    import contextlib
-    import sys
-    import tempfile
-
     from bench.run import ray_runner
     from bench.worker.engine import quiet_libraries
 
