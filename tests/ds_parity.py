@@ -47,7 +47,9 @@ def main(init_dir: str, zero_stage: int, offload: list[str]) -> None:
     ds_logs = dpo_logs(ds, reference, wrap_with_deepspeed(ds, train, settings, 1), train)
     with ds.gathered():  # ZeRO-3: the whole model again (a no-op below 3)
         sample = ds.generate(["the movie was"], n=2, max_new_tokens=5, seed=0).completion_ids
-    print(json.dumps({"engine": type(ds.engine).__name__, "plain": plain_logs, "deepspeed": ds_logs,
+    import deepspeed.comm.comm as ds_comm
+
+    print(json.dumps({"engine": type(ds.engine).__name__, "shm_comm_op": ds_comm.cdb.shm_comm_op is not None, "plain": plain_logs, "deepspeed": ds_logs,
                       "sample": sample, "plain_sample": plain.generate(["the movie was"], n=2, max_new_tokens=5, seed=0).completion_ids}))
 
 

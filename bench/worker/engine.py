@@ -140,6 +140,23 @@ class ZeroGathered:
         return False
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op (`deepspeed_shm_comm`).
+
+    DeepSpeed's CPU accelerator builds it with ninja + g++ when the first engine of a process starts
+    its comm backend: 44-68 s on 2 cores the first time, and again whenever the venv's path changes
+    (the build file names the include paths). The op serves only `inference_all_reduce` (DeepSpeed
+    inference / AutoTP); training collectives (all-reduce, reduce-scatter, all-gather of ZeRO) are
+    torch.distributed's whatever it says. Marking it incompatible in DeepSpeed's own table of
+    compatible ops (`deepspeed.ops.__compatible_ops__`, probed once per process and kept in the
+    module) makes `build_shm_op` return None, as on a machine that cannot build it.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def wrap_with_deepspeed(
     trainables: Policy | ScalarModel | list, train: TrainSettings, ds: DeepSpeedSettings, world_size: int
 ) -> Callable[[torch.Tensor], dict]:
@@ -157,6 +174,7 @@ def wrap_with_deepspeed(
     module = modules[0] if len(modules) == 1 else JointModule({str(i): m for i, m in enumerate(modules)})
     params = [p for p in module.parameters() if p.requires_grad]
     t0 = time.time()
+    skip_shm_comm_op()
     # fused: one kernel for all tensors (CPU and CUDA); 1.7 vs 3.5 ms per step for the tiny model's 40 tensors
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(train.warmup_steps))
