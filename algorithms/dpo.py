@@ -2,8 +2,8 @@
 
     L_DPO = -E_(x, y_w, y_l) [ log σ( β log π(y_w|x)/π_ref(y_w|x) - β log π(y_l|x)/π_ref(y_l|x) ) ]
 
-The reference log-probs are computed once per trial, before the first step; chosen and rejected
-completions go through the policy in ONE forward pass (2B sequences). Frontier knob: `beta`
+The reference log-probs are computed once per env (shared by every pair trial), before the first
+step; chosen and rejected completions go through the policy in ONE forward pass (2B sequences). Frontier knob: `beta`
 (smaller beta → further from the reference: more reward, more KL).
 """
 
@@ -59,7 +59,7 @@ class DPO:
         policy, beta = ctx.policy, ctx.params.beta
         enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
         schedule = training_schedule(ctx, len(enc))
-        ref_chosen, ref_rejected = reference_logps(ctx, enc, schedule)
+        ref_chosen, ref_rejected = reference_logps(ctx, enc)
 
         policy.model.train()
         for step in range(ctx.start_step, ctx.train.steps):

@@ -11,8 +11,9 @@ margin → further from the reference).
 
 With `average_logps` (the default), log π and log π_ref are averaged over the completion's tokens
 instead of summed, so h is in nats per token (TRL's IPO and the authors' recommendation); without
-it h is in nats per sequence. The reference log-probs are computed once per trial, before the first
-step; chosen and rejected completions go through the policy in ONE forward pass (2B sequences).
+it h is in nats per sequence. The reference log-probs are computed once per env (shared by every
+pair trial), before the first step; chosen and rejected completions go through the policy in ONE
+forward pass (2B sequences).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class IPO:
         beta = params.beta
         enc = EncodedPairs.encode(policy, ctx.data.pairs, self.name)
         schedule = training_schedule(ctx, len(enc))
-        ref_chosen, ref_rejected = reference_logps(ctx, enc, schedule)
+        ref_chosen, ref_rejected = reference_logps(ctx, enc)
         if params.average_logps:  # per token; the policy's mask counts the same tokens (EOS included)
             chosen_len, rejected_len = enc.completion_lengths()
             ref_chosen, ref_rejected = ref_chosen / chosen_len, ref_rejected / rejected_len

@@ -1,9 +1,11 @@
 """What the pair-based algorithms (DPO, IPO, Unlikelihood, Preferred-FT) share: encoded pairs,
-one batch of chosen + rejected for a single forward pass, and reference log-probs computed once.
+one batch of chosen + rejected for a single forward pass, and reference log-probs computed once per env.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,15 +54,21 @@ def training_schedule(ctx: TrainContext, n_items: int) -> list[np.ndarray]:
     return [ctx.batch_indices(step, n_items) for step in range(ctx.train.steps)]
 
 
-def reference_logps(ctx: TrainContext, enc: EncodedPairs, schedule: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log π_ref of chosen and rejected (nats, (N,)), computed once, for exactly the pairs
-    this rank's schedule uses (the others stay 0 and are never read)."""
-    used = np.unique(np.concatenate(schedule))
-    ref_chosen, ref_rejected = torch.zeros(len(enc)), torch.zeros(len(enc))
-    prompts = [enc.prompt_ids[i] for i in used]
-    ref_chosen[used] = ctx.reference.sequence_logps_batched(prompts, [enc.chosen_ids[i] for i in used])
-    ref_rejected[used] = ctx.reference.sequence_logps_batched(prompts, [enc.rejected_ids[i] for i in used])
-    return ref_chosen, ref_rejected
+def reference_logps(ctx: TrainContext, enc: EncodedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log π_ref of every chosen and rejected completion (nats, CPU tensors (N,) indexed by
+    pair), computed once per env and shared by every pair trial through `ctx.cache`: the reference
+    and the pairs are the env's, and the key names the encoded tokens (sha256), so another encoding
+    gets its own entry. The values are float32 log-probs kept exactly (JSON holds each as a float64)."""
+    digest = hashlib.sha256(json.dumps([enc.prompt_ids, enc.chosen_ids, enc.rejected_ids]).encode()).hexdigest()[:16]
+
+    def compute() -> dict:
+        ref = ctx.reference
+        return {"chosen": ref.sequence_logps_batched(enc.prompt_ids, enc.chosen_ids).tolist(),
+                "rejected": ref.sequence_logps_batched(enc.prompt_ids, enc.rejected_ids).tolist()}
+
+    value = ctx.cache(f"pair-reference-logps/v1/pairs={len(enc)}/tokens={digest}", compute)
+    return (torch.tensor(value["chosen"], dtype=torch.float32),
+            torch.tensor(value["rejected"], dtype=torch.float32))
 
 
 def implicit_reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:

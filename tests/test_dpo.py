@@ -68,3 +68,39 @@ def test_dpo_training_raises_chosen_over_rejected(policy):
     for p, q in zip(policy.model.parameters(), reference.model.parameters()):
         assert not q.requires_grad
     assert any(not torch.equal(p, q) for p, q in zip(policy.model.parameters(), reference.model.parameters()))
+
+
+def test_reference_logps_of_the_pairs_are_computed_once_and_read_back_exactly(policy):
+    """Every pair trial of an env shares one computation of log π_ref over all the env's pairs
+    (ctx.cache, as bench keeps it: JSON), and what is read back equals what was computed, bit for bit."""
+    import json
+
+    from algorithms.pairs import EncodedPairs, reference_logps
+
+    pairs = pd.DataFrame({"prompt": ["the movie was", "i loved the", "the plot was"],
+                          "chosen": ["very good .", "film .", "great ."],
+                          "rejected": ["very bad .", "music .", "awful ."], "rejected_ended": [True, False, True]})
+    reference = policy.frozen_copy()
+    store, computed = {}, []
+
+    def cache(key, compute):  # bench's ctx.cache in miniature: a JSON file per key
+        if key not in store:
+            computed.append(key)
+            store[key] = json.dumps(compute())
+        return json.loads(store[key])
+
+    train = TrainSettings(steps=1, batch_size=2)
+    ctx = TrainContext(policy=policy, reference=reference, params=DPOParams(), train=train,
+                       data=EnvData([], [], pairs, pd.DataFrame()), optimize=None, evaluate=None, cache=cache)
+    enc = EncodedPairs.encode(policy, pairs, "dpo")
+    first = reference_logps(ctx, enc)
+    again = reference_logps(ctx, enc)
+    assert len(computed) == 1  # the second trial reads the first's
+    direct = (reference.sequence_logps_batched(enc.prompt_ids, enc.chosen_ids),
+              reference.sequence_logps_batched(enc.prompt_ids, enc.rejected_ids))
+    for got, back, want in zip(first, again, direct):
+        assert torch.equal(got, want) and torch.equal(back, want)  # every pair, exact after the JSON round trip
+    # another encoding of the same texts (the missing EOS of rejected 1) is another entry
+    other = EncodedPairs.encode(policy, pairs.drop(columns="rejected_ended"), "dpo")
+    reference_logps(ctx, other)
+    assert len(computed) == 2
