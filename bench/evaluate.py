@@ -80,8 +80,15 @@ def clustered_mean_se(values: np.ndarray, cluster: np.ndarray) -> tuple[float, f
 def kl_per_sample(
     policy: Policy, reference: Policy, rollout: Rollout, *, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample sequence KL estimates (k1, k3) in nats for samples drawn from `policy` at rollout.temperature."""
+    """Per-sample sequence KL estimates (k1, k3) in nats for samples drawn from `policy` at rollout.temperature.
+
+    log π_T of the sampled tokens is the sampling step's own (`rollout.token_logps`) where the rollout
+    carries it, so only the reference is run; else the policy is scored by teacher forcing. The
+    reference at T = 1 has KL 0 by definition (the `sft` trial and every trial's step 0).
+    """
     temperature = rollout.temperature
+    if policy is reference and temperature == 1.0:  # KL(π ‖ π) = 0: exactly, not up to float noise
+        return np.zeros(len(rollout)), np.zeros(len(rollout))
     k1, k3 = [], []
     was_training = policy.model.training
     policy.model.eval()
@@ -89,9 +96,12 @@ def kl_per_sample(
         for i in range(0, len(rollout), batch_size):
             p_ids = rollout.prompt_ids[i : i + batch_size]
             c_ids = rollout.completion_ids[i : i + batch_size]
-            pi, mask = policy.token_logps(p_ids, c_ids, temperature=temperature)  # (B, T)
-            ref, _ = reference.token_logps(p_ids, c_ids, temperature=1.0)
-            pi, ref = pi.double(), ref.double().to(pi.device)
+            ref, mask = reference.token_logps(p_ids, c_ids, temperature=1.0)  # (B, T)
+            if rollout.token_logps is not None:
+                pi = rollout.token_logps[i : i + batch_size, : mask.shape[1]].to(ref.device)
+            else:
+                pi, _ = policy.token_logps(p_ids, c_ids, temperature=temperature)
+            pi, ref, mask = pi.double(), ref.double().to(pi.device), mask.to(pi.device)
             log_r = (ref - pi) * mask  # log π_ref/π_T per token, 0 on padding
             k1.append(((pi - ref) * mask).sum(-1).cpu())
             k3.append(((torch.exp(log_r) - 1 - log_r) * mask).sum(-1).cpu())

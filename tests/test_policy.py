@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,30 @@ def test_completion_text_is_the_decoded_sample_unstripped_with_a_sub_word_tokeni
     text = policy.tokenizer.decode(ids, skip_special_tokens=True)
     assert text == " really good" and policy.encode_completions([text], add_eos=False)[0] == ids
     assert policy.encode_completions([text.strip()], add_eos=False)[0] != ids
+
+
+def test_teacher_forced_logps_project_only_completion_positions_and_match_the_full_forward(policy):
+    """`token_logps` asks the model for logits from the shortest prompt's last position on
+    (`logits_to_keep`); the log-probs are those of the whole-sequence forward."""
+    prompts = policy.encode_prompts(["overall the acting and the plot were", "the movie was", "i loved the"])
+    completions = policy.encode_completions(["very good .", "bad", "film . ten out of ten ."], ended=[True, False, True])
+    seen = []
+    forward = policy.model.forward
+
+    @functools.wraps(forward)  # the signature stays the model's
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("logits_to_keep"))
+        return forward(*args, **kwargs)
+
+    policy.model.forward = spy
+    with torch.no_grad():
+        logps, mask = policy.token_logps(prompts, completions, temperature=0.8)
+    del policy.model.forward
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    assert seen == [width - (min(len(p) for p in prompts) - 1)]
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        with torch.no_grad():
+            full = torch.log_softmax(policy.model(input_ids=torch.tensor([p + c])).logits[0].float() / 0.8, -1)
+        want = full[len(p) - 1 : len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        assert int(mask[row].sum()) == len(c)
+        np.testing.assert_allclose(logps[row, : len(c)].numpy(), want.numpy(), atol=1e-5)
