@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.cli import cli_in_process
+
 
 
 def test_list_shows_algorithms_with_knobs_and_envs():
@@ -19,21 +21,8 @@ def test_list_shows_algorithms_with_knobs_and_envs():
     assert ["env", "tiny-sentiment", "-", "-", "in-tree", "(envs.tiny_sentiment)"] in rows
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "bench.cli", "run", *args], capture_output=True, text=True, timeout=120)
-
-
 def _main(capsys, *args) -> subprocess.CompletedProcess:
-    """`prefbench ARGS` in this process, as the console script calls it: exit code, stdout, stderr."""
-    from bench.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return cli_in_process(capsys, *args)
 
 
 def test_resume_needs_a_prefbench_run_with_the_same_suite(tmp_path, capsys):
@@ -80,8 +69,8 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-def test_dry_run_still_validates_the_suite():
-    bad = _run("--dry-run", "--set", "train.steps=-1")
+def test_dry_run_still_validates_the_suite(capsys):
+    bad = _main(capsys, "run", "--dry-run", "--set", "train.steps=-1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "prefbench: error: train.steps: must be an integer >= 1"
 

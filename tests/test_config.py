@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from bench.config import ConfigError, expand_trials, load_suite
+from tests.cli import cli_in_process
 
 GOOD = textwrap.dedent("""\
     name: t
@@ -20,8 +21,8 @@ GOOD = textwrap.dedent("""\
     """)
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def _process(*args):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -53,11 +54,11 @@ def _cli(*args, cwd=None):
          "env.params.num_reviews: must be an integer >= 1"),
     ],
 )
-def test_bad_suites_fail_with_one_line_and_exit_2(tmp_path, suite, key):
+def test_bad_suites_fail_with_one_line_and_exit_2(tmp_path, capsys, suite, key):
     path = tmp_path / "bad.yaml"
     path.write_text(suite)
     out = tmp_path / "out"
-    proc = _cli("run", str(path), "--out", str(out))
+    proc = cli_in_process(capsys, "run", str(path), "--out", str(out))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -66,24 +67,33 @@ def test_bad_suites_fail_with_one_line_and_exit_2(tmp_path, suite, key):
     assert not out.exists()  # nothing half-written
 
 
-def test_missing_suite_file_and_bad_override(tmp_path):
-    proc = _cli("run", str(tmp_path / "nope.yaml"))
+def test_a_bad_suite_is_one_line_and_exit_2_from_the_console_process(tmp_path):
+    """As above, from a real `prefbench run` process: no traceback, exit status 2, nothing written."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(GOOD.replace("name: dpo", "name: dpoo"))
+    proc = _process("run", str(path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "algorithms[0].name: unknown algorithm 'dpoo'" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_missing_suite_file_and_bad_override(tmp_path, capsys):
+    proc = cli_in_process(capsys, "run", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
-    proc = _cli("run", "--set", "train.lr=-1", "--out", str(tmp_path / "o"))
+    proc = cli_in_process(capsys, "run", "--set", "train.lr=-1", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "train.lr: must be > 0" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_output_directory_is_refused(tmp_path):
+def test_existing_output_directory_is_refused(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    proc = _cli("run", "--out", str(tmp_path / "out"))
+    proc = cli_in_process(capsys, "run", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "already exists" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
 
 
-def test_report_of_a_non_run_directory(tmp_path):
-    proc = _cli("report", str(tmp_path))
+def test_report_of_a_non_run_directory(tmp_path, capsys):
+    proc = cli_in_process(capsys, "report", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
 
 

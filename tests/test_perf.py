@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.cli import cli_in_process
+
 
 @pytest.mark.slow
 def test_perf_measures_every_part_against_peak_and_trl(tmp_path, e2e_cache):
@@ -59,7 +61,7 @@ def test_perf_suite_measures_wall_start_up_and_memory_of_all_processes(tmp_path,
     assert r["processes_at_peak"] >= 4 and 0.3 < r["peak_pss_gib"] <= r["peak_rss_sum_gib"] < 64
 
 
-def test_perf_suite_user_errors_are_one_line_exit_2(tmp_path):
+def test_perf_suite_user_errors_are_one_line_exit_2(tmp_path, capsys):
     """A mistake the run itself finds (here an env package that is not installed) comes back as the
     run's one line; --vs with --suite is refused before anything runs."""
     suite = os.path.join(os.path.dirname(__file__), "..", "bench", "suites", "smol-quick.yaml")
@@ -68,8 +70,7 @@ def test_perf_suite_user_errors_are_one_line_exit_2(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith(
         "prefbench: error: env smol-sentiment: the package 'no_such_pkg' (env.params.package) is not installed")
-    both = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--suite", "--vs", "trl"],
-                          capture_output=True, text=True, timeout=120)
+    both = cli_in_process(capsys, "perf", "--suite", "--vs", "trl")
     assert both.returncode == 2 and both.stderr.strip() == (
         "prefbench: error: --vs trl measures the parts of a trial; it does not combine with --suite")
 
@@ -94,9 +95,8 @@ def test_tree_memory_counts_a_process_and_its_children():
         child.kill()
 
 
-def test_perf_rejects_keys_that_are_not_env_or_shapes():
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "perf", "--set", "algorithms=[]"],
-                          capture_output=True, text=True, timeout=120)
+def test_perf_rejects_keys_that_are_not_env_or_shapes(capsys):
+    proc = cli_in_process(capsys, "perf", "--set", "algorithms=[]")
     assert proc.returncode == 2 and proc.stderr.startswith("prefbench: error: --set algorithms: perf takes env.params.*")
     assert "Traceback" not in proc.stderr
 

@@ -2,7 +2,7 @@
 
 Checked against exact enumeration of the first two tokens on the tiny vocabulary, against transformers'
 own `generate` in distribution (sampling) and token for token (greedy), with left padding, for GPT-2
-(a static KV cache) and Llama (rotary positions), and through the growing-cache path.
+and Llama (rotary positions), each with a preallocated and a growing KV cache.
 """
 
 from __future__ import annotations
@@ -140,11 +140,10 @@ def _llama(policy: Policy) -> Policy:
     return Policy(LlamaForCausalLM(config), policy.tokenizer)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-growing-cache"])
-def test_greedy_is_transformers_greedy_token_for_token_and_sampled_logps_are_teacher_forced(policy, arch):
+@pytest.mark.parametrize("arch, static", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+def test_greedy_is_transformers_greedy_token_for_token_and_sampled_logps_are_teacher_forced(policy, arch, static):
     policy = _llama(policy) if arch == "llama" else policy
-    if arch == "gpt2-growing-cache":  # a model that does not take a StaticCache: transformers' DynamicCache
-        policy.model._can_compile_fullgraph = False
+    policy.static_cache = static  # a preallocated StaticCache, or transformers' growing DynamicCache
     policy.model.eval()
     prompts = ["the movie was", "i", "overall the acting and the plot were", "a"]  # left padding of 0-7 tokens
     greedy = policy.generate(prompts, n=1, temperature=0.0, max_new_tokens=20, seed=0)

@@ -155,9 +155,9 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
                     + [fmt(r["win"]), (f"{r['gen_len']:.1f}", r["gen_len"])] + [fmt(r[c]) for c in temp_cols])
     out.append(Table(
         "configs", "Every configuration (final evaluation)",
-        f"Each algorithm × knob value at the end of training: gold reward, KL (nats, k1 estimate; ≤: best-of-n's "
-        f"upper bound log n − (n−1)/n) and win rate at T = 1, mean completion length (tokens), gold reward at each "
-        f"temperature."
+        "Each algorithm × knob value at the end of training: gold reward, KL (nats, k1 estimate; ≤: best-of-n's "
+        "upper bound log n − (n−1)/n) and win rate at T = 1, mean completion length (tokens), gold reward at each "
+        "temperature."
         + (" KL est.: a plug-in estimate of best-of-n's true KL; duplicates: the share of its N samples per prompt "
            "that duplicate another sample of the same prompt (the more there are, the more the bound overstates "
            "the KL)." if estimated else "")
