@@ -43,20 +43,20 @@ def test_bad_arguments_are_one_line_and_exit_2(args, message):
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_checks_zero3_through_both_parts(tmp_path):
+def test_cpu_dry_run_checks_zero3_through_both_parts(tmp_path, e2e_cache):
     """The check's whole path on CPU for one stage, ZeRO-3 (the one that shards: its loop is the same
     for every stage). That ZeRO-3 trains like ZeRO-0 is tests/test_deepspeed.py's (in one process) and
     tests/test_e2e.py's (2 Ray workers, ZeRO-2 and 3) to show; one stage here halves the test."""
     out = tmp_path / "gpu_check.json"
     tiny_throughput = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--prompts", "8", "--samples", "2",
                        "--max-new-tokens", "8", "--pairs", "4", "--repeats", "2"]
-    # the shipped suite, smaller, without DPO (its steps are timed in part B): PPO trains and samples
-    # rollouts in a Ray Train worker, the SFT baseline runs in the Tune trial process
+    # the shipped suite without DPO (its steps are timed in part B): PPO trains and samples rollouts in a
+    # Ray Train worker, the SFT baseline runs in the Tune trial process. Its env and reward model are
+    # the e2e suite's: from the session's shared cache when tests/test_e2e.py ran first (as in CI)
     tiny_suite = [f"--suite-set={s}" for s in (
-        "env.params.num_reviews=500", "env.params.num_train_prompts=40", "env.params.num_eval_prompts=16",
         "eval.num_prompts=16", "eval.samples_per_prompt=2",
         "algorithms=[{name: ppo, train: {steps: 2, eval_every: 2}, sweep: {kl_coef: [0.1]}}]")]
-    proc = gpu_check("--device", "cpu", "--zero-stages", "3", *tiny_throughput, *tiny_suite,
+    proc = gpu_check("--device", "cpu", "--zero-stages", "3", *tiny_throughput, *tiny_suite, "--cache-dir", str(e2e_cache),
                      "--work-dir", str(tmp_path / "work"), "--json", str(out), "--time-budget", "1700",
                      "--suite-timeout", "900", "--throughput-timeout", "300", timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
