@@ -22,7 +22,7 @@ from bench.run.timing import stage_timing
 from envs import ENVS
 
 # 2: pairs/references carry whether each sample ended on EOS; models train without dropout
-ENV_CACHE_FORMAT = 2  # bump when the layout of a prepared env changes
+ENV_CACHE_FORMAT = 3  # bump when the layout of a prepared env, or how it is sampled, changes (3: own decoding loop)
 
 RM_CACHE_FORMAT = 2  # bump when the layout or training of the reward-model stage changes
 

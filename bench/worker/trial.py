@@ -42,7 +42,7 @@ from bench.worker.faults import inject_fault, step_fault
 from envs import ENVS
 from envs.base import GoldRewardError, gold_fn, load_env_data
 
-REFERENCE_EVAL_FORMAT = 4  # part of the cache key of reference evaluations: bump when the evaluator changes
+REFERENCE_EVAL_FORMAT = 5  # part of the cache key of reference evaluations: bump when the evaluator or sampler changes
 # logged training metrics that are a loss, a reward or a KL: NaN/inf in one stops the trial
 GUARDED_METRICS = ("losses/", "rewards/", "objective/", "policy/")
 
