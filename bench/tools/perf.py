@@ -20,7 +20,8 @@ interval between consecutive optimizer steps after `WARMUP_STEPS` (so both sides
 collation, forward, backward and the optimizer step, and neither pays for set-up). `setup_s` is the
 time from building the trainer (ours: the DeepSpeed engine; TRL: the Trainer, which tokenises the
 dataset) to the end of the first step, less one median step: tokenisation, engine set-up and the
-one-time reference log-prob pass (ours: the pairs the timed steps use; TRL: the whole dataset). Model FLOPs are 6·N·tokens for training and
+one-time reference log-prob pass over every pair (both sides; in a suite ours is computed once per env and
+shared by its pair trials). Model FLOPs are 6·N·tokens for training and
 2·N·tokens for a forward pass (generation: generated tokens), N = all parameters; the fraction of
 peak is against the fp32 matmul rate measured in the same command. The machine is shared and
 noisy: compare ratios from one command, not absolute numbers across commands.
