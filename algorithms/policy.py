@@ -235,8 +235,9 @@ class Policy:
     ) -> Rollout:
         """Sample `n` completions per prompt at `temperature` (0 = greedy), stopping at EOS.
 
-        With `return_logps`, `extras["sample_logps"]` holds each sample's sequence log-prob under
-        the distribution it was drawn from (log π_T, from generation's own scores), shape (N,).
+        `token_logps` of the result holds log π_T of every sampled token as the sampling step computed
+        it, (N, T) (None at temperature 0); with `return_logps`, `extras["sample_logps"]` holds their
+        per-sample sums, the sequence log-prob under the distribution it was drawn from, shape (N,).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
