@@ -283,7 +283,6 @@ class Policy:
         dev = self.device
         return [dev] if dev.type == "cuda" else []
 
-    @torch.no_grad()
     def _generate_batch(self, batch: list[list[int]], temperature: float, max_new_tokens: int):
         """prefbench's own decoding loop: one prefill, then one token per step through the KV cache
         (`static_cache`), each sampled from softmax(logits / T) exactly (greedy at T = 0).
@@ -307,7 +306,7 @@ class Policy:
         static = self.static_cache
         if static is None:  # a preallocated cache on GPUs, where the model takes one (transformers' flag)
             static = dev.type == "cuda" and getattr(model, "_can_compile_fullgraph", False)
-        accepts = forward_parameters(model)
+        accepts = self._accepts()
         cache = {"cache" if "cache" in accepts else "past_key_values": _kv_cache(model, total, static)}
         # a static cache attends over its whole length: the mask covers it (future columns 0)
         step_mask = (lambda n: mask) if static else (lambda n: mask[:, :n])
