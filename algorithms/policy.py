@@ -119,6 +119,28 @@ def completion_span(
     return torch.gather(values, 1, idx) * mask, mask
 
 
+# ------------------------------------------------------------------------ mixed precision
+_AUTOCAST_DTYPE: torch.dtype | None = None  # see set_autocast
+
+
+def set_autocast(dtype: torch.dtype | None) -> None:
+    """Run every forward of every `Policy` and `ScalarModel` in this process (sampling, scoring,
+    training; policy, reference, reward model and critic alike) under `torch.autocast(dtype)`, or in
+    the weights' own dtype with None (the default). A process setting, like torch's thread count:
+    bench sets it once per worker from `deepspeed.autocast`, so that no model of a trial computes
+    differently from another. Weights, gradients and the optimizer stay in their own dtype (fp32);
+    matmuls run in `dtype`; log-probs and log-softmax are taken in float32 from the logits."""
+    global _AUTOCAST_DTYPE
+    _AUTOCAST_DTYPE = dtype
+
+
+def autocast(device: torch.device):
+    """The process's autocast context (`set_autocast`) for a forward on `device`, or a no-op."""
+    if _AUTOCAST_DTYPE is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPE)
+
+
 def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
     """The keyword arguments `model.forward` takes (e.g. whether it has `logits_to_keep`, and whether
     its KV cache argument is `cache` or, before transformers 5.2x, `past_key_values`)."""
@@ -311,8 +333,9 @@ class Policy:
         # a static cache attends over its whole length: the mask covers it (future columns 0)
         step_mask = (lambda n: mask) if static else (lambda n: mask[:, :n])
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-        out = model(input_ids=input_ids, attention_mask=step_mask(width), position_ids=positions, **cache,
-                    use_cache=True, cache_position=torch.arange(width, device=dev), **last_only)
+        with autocast(dev):
+            out = model(input_ids=input_ids, attention_mask=step_mask(width), position_ids=positions, **cache,
+                        use_cache=True, cache_position=torch.arange(width, device=dev), **last_only)
         logits = out.logits[:, -1]  # (B, V)
         position = positions[:, -1:] + 1  # (B, 1)
         done = torch.zeros(rows, dtype=torch.bool, device=dev)
@@ -332,8 +355,9 @@ class Policy:
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             mask[:, width + t] = 1
-            out = model(input_ids=token[:, None], attention_mask=step_mask(width + t + 1), position_ids=position,
-                        **cache, use_cache=True, cache_position=torch.tensor([width + t], device=dev))
+            with autocast(dev):
+                out = model(input_ids=token[:, None], attention_mask=step_mask(width + t + 1), position_ids=position,
+                            **cache, use_cache=True, cache_position=torch.tensor([width + t], device=dev))
             logits = out.logits[:, -1]
             position = position + 1
         new_ids = torch.stack(tokens, 1)  # (B, T)
@@ -371,7 +395,8 @@ class Policy:
         first = min(len(p) for p in prompt_ids) - 1  # (B, L) columns [first, L) are kept
         keep = {"logits_to_keep": input_ids.shape[1] - first} if first > 0 and "logits_to_keep" in self._accepts() else {}
         first = first if keep else 0
-        logits = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
+        with autocast(input_ids.device):
+            logits = forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
         logits = logits[:, :-1].float() / temperature  # (B, L-1-first, V): column i predicts token first+i+1
         targets = input_ids[:, first + 1 :]  # (B, L-1-first)
         all_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)

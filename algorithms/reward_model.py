@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.interface import TrainSettings, check, rank_batch
-from algorithms.policy import completion_span, disable_dropout, encode_completions, ended_flags, right_padded
+from algorithms.policy import autocast, completion_span, disable_dropout, encode_completions, ended_flags, right_padded
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,8 @@ class ScalarModel:
     def _forward(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         input_ids, attention_mask = right_padded(prompt_ids, completion_ids, self.tokenizer.pad_token_id, self.device)
         forward = self.engine if self.engine is not None and torch.is_grad_enabled() else self.head
-        return forward(input_ids=input_ids, attention_mask=attention_mask)  # (B, L)
+        with autocast(input_ids.device):
+            return forward(input_ids=input_ids, attention_mask=attention_mask)  # (B, L)
 
     def sequence_scores(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """The score at the last token of each prompt + completion, (B,); grads flow."""

@@ -111,6 +111,9 @@ class ScalingSettings:
 class DeepSpeedSettings:
     zero_stage: int = 0  # 0-3: 1 shards optimizer state, 2 also gradients, 3 also parameters
     bf16: bool = False  # bf16 weights and compute, fp32 master copy in the optimizer
+    # torch.autocast to bf16 in every forward of every model (fp32 weights, gradients and optimizer;
+    # matmuls in bf16; DeepSpeed's `torch_autocast`); off by default: the numbers change
+    autocast: bool = False
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (ZeRO >= 1)
     offload_param: bool = False  # ZeRO-Infinity: parameters live on the CPU between uses (ZeRO-3)
 
@@ -121,6 +124,8 @@ class DeepSpeedSettings:
             raise ParamError("offload_optimizer", "needs zero_stage >= 1")
         if self.offload_param and self.zero_stage != 3:
             raise ParamError("offload_param", "needs zero_stage 3")
+        if self.autocast and self.bf16:
+            raise ParamError("autocast", "and bf16 exclude each other (bf16 weights compute in bf16 already)")
 
 
 @dataclass

@@ -186,6 +186,8 @@ def _command(suite: SuiteConfig, seed: int, env, params: dict) -> str:
     sets = [f"env.params.{k}={json.dumps(v)}" for k, v in params.items() if v != defaults.get(k)]
     if suite.deepspeed.bf16:
         sets.append("deepspeed.bf16=true")
+    if suite.deepspeed.autocast:
+        sets.append("deepspeed.autocast=true")
     return " ".join(["prefbench export-env", shlex.quote(suite.env.name), "DIR", *(f"--set {shlex.quote(a)}" for a in sets),
                      f"--seed {seed}"])
 
@@ -199,8 +201,9 @@ def _card(suite: SuiteConfig, seed: int, env_dir: Path, dest: Path, counts: dict
                            **({"default": True} if name == "pairs" else {})} for name, path in DATA_FILES.items()],
               "tags": ["prefbench", suite.env.name, "dpo", "preference"]}
     run_section = {"env": {"name": suite.env.name, "params": params}, "seeds": [seed]}
-    if suite.deepspeed.bf16:
-        run_section["deepspeed"] = {"bf16": True}
+    precision = {k: True for k in ("bf16", "autocast") if getattr(suite.deepspeed, k)}
+    if precision:
+        run_section["deepspeed"] = precision
     same, total, cut = agreement
     tokens_line = (
         f"For this env the two agree on all {total} pair completions (checked at export)." if same == total else

@@ -42,6 +42,7 @@ def _process(*args):
         (GOOD + "deepspeed: {zero_stage: 4}\n", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
         (GOOD + "deepspeed: {zero_stage: 2, offload_param: true}\n", "deepspeed.offload_param: needs zero_stage 3"),
         (GOOD + "deepspeed: {offload_optimizer: true}\n", "deepspeed.offload_optimizer: needs zero_stage >= 1"),
+        (GOOD + "deepspeed: {bf16: true, autocast: true}\n", "deepspeed.autocast: and bf16 exclude each other"),
         (GOOD + "scaling: {resources_per_worker: {CPU: -1}}\n", "scaling.resources_per_worker: expected resource name"),
         (GOOD + "scaling: {max_failures: -1}\n", "scaling.max_failures: must be >= 0"),
         (GOOD + "report: {kl_budgets: []}\n", "report.kl_budgets: must list at least one KL budget"),
@@ -181,3 +182,22 @@ def test_bad_random_search_is_one_config_error(algorithms, message):
     with pytest.raises(ConfigError) as err:
         load_suite(None, [f"algorithms={algorithms}"])
     assert message in str(err.value)
+
+
+def test_precision_is_part_of_the_cache_keys_and_fp32_keys_are_unchanged():
+    """An env or reward model trained under bf16 autocast is not reused by an fp32 run (nor the
+    reverse); adding the option left the keys of fp32 runs as they were (the same JSON as before)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from bench.config import load_suite
+    from bench.run.prepare import ENV_CACHE_FORMAT, env_key, env_params, rm_key
+    from envs import ENVS
+
+    fp32 = load_suite(None, [])
+    mixed = load_suite(None, ["deepspeed.autocast=true"])
+    assert env_key(mixed, 0) != env_key(fp32, 0) and rm_key(mixed, 0) != rm_key(fp32, 0)
+    before = json.dumps({"env": fp32.env.name, "params": dataclasses.asdict(env_params(fp32)), "seed": 0, "bf16": False,
+                         "format": ENV_CACHE_FORMAT, "env_version": ENVS.get(fp32.env.name).version}, sort_keys=True)
+    assert env_key(fp32, 0) == hashlib.sha256(before.encode()).hexdigest()[:16]

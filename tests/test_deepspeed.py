@@ -12,19 +12,22 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, offload", [
+@pytest.mark.parametrize("zero_stage, flags", [
     (0, []), (1, []), (2, ["offload_optimizer"]), (3, []), (3, ["offload_optimizer", "offload_param"]),
+    (0, ["autocast"]),  # bf16 autocast over fp32 weights: DeepSpeed's torch_autocast = torch.autocast in plain PyTorch
 ])
-def test_deepspeed_zero_stages_match_plain_torch(tiny_env_dir, zero_stage, offload, tmp_path):
+def test_deepspeed_zero_stages_match_plain_torch(tiny_env_dir, zero_stage, flags, tmp_path):
     # one rank: whatever ZeRO shards or offloads, the optimisation is plain AdamW + warm-up + clipping
     script = Path(__file__).with_name("ds_parity.py")
     extensions = tmp_path / "torch_extensions"  # where DeepSpeed would JIT-build C++ ops
-    proc = subprocess.run([sys.executable, str(script), str(tiny_env_dir / "init"), str(zero_stage), *offload],
+    proc = subprocess.run([sys.executable, str(script), str(tiny_env_dir / "init"), str(zero_stage), *flags],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["engine"] == "DeepSpeedEngine"
+    assert out["train_dtypes"] == ["torch.bfloat16" if "autocast" in flags else "torch.float32"]
+    assert out["param_dtypes"] == ["torch.float32"]
     # no JIT build on the way (engine.skip_shm_comm_op: the CPU shm all-reduce op took 44-68 s to build)
     assert not out["shm_comm_op"]
     assert not extensions.exists() or not any(extensions.iterdir()), sorted(p.name for p in extensions.iterdir())

@@ -108,3 +108,58 @@ def test_teacher_forced_logps_project_only_completion_positions_and_match_the_fu
         want = full[len(p) - 1 : len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None]).squeeze(1)
         assert int(mask[row].sum()) == len(c)
         np.testing.assert_allclose(logps[row, : len(c)].numpy(), want.numpy(), atol=1e-5)
+
+
+def test_autocast_runs_every_forward_in_bf16_and_only_when_set(policy, prompts):
+    """`set_autocast(bf16)` (`deepspeed.autocast`) puts sampling, teacher forcing and the scalar
+    models' scoring under torch.autocast: their Linear layers compute in bf16, the weights stay fp32,
+    and the log-probs are float32 and close to the fp32 ones. Unset, everything is fp32 again."""
+    from algorithms.policy import set_autocast
+    from algorithms.reward_model import ScalarModel
+
+    rm = ScalarModel(copy_as_scalar(policy), policy.tokenizer).freeze()
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+             for m in (policy.model.get_output_embeddings(), rm.head.model.score)]
+    p_ids = policy.encode_prompts(prompts)
+    c_ids = policy.encode_completions(["very good .", "film .", "was bad", "the cast ."], ended=[True, True, False, True])
+
+    def everything():
+        seen.clear()
+        with torch.no_grad():
+            roll = policy.generate(prompts, n=2, temperature=1.0, max_new_tokens=6, seed=1)
+            logps, _ = policy.token_logps(p_ids, c_ids)
+            scores = rm.sequence_scores(p_ids, c_ids)
+        return roll, logps, scores, set(seen)
+
+    try:
+        _, fp32, fp32_scores, dtypes = everything()
+        assert dtypes == {torch.float32}
+        set_autocast(torch.bfloat16)
+        roll, mixed, mixed_scores, dtypes = everything()
+        assert dtypes == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+        assert mixed.dtype == torch.float32 and roll.token_logps.dtype == torch.float32
+        assert not torch.equal(mixed, fp32)  # it did compute differently
+        torch.testing.assert_close(mixed, fp32, atol=0.05, rtol=0.02)  # bf16 rounding of a tiny model
+        torch.testing.assert_close(mixed_scores, fp32_scores, atol=0.05, rtol=0.02)
+        # sampling's log-probs are still those of the distribution it drew from (bf16 noise apart)
+        with torch.no_grad():
+            forced = policy.sequence_logps_batched(roll.prompt_ids, roll.completion_ids)
+        np.testing.assert_allclose(forced.numpy(), roll.token_logps.double().sum(-1).numpy(), atol=0.05)
+        set_autocast(None)
+        assert everything()[3] == {torch.float32}
+    finally:
+        set_autocast(None)
+        for h in hooks:
+            h.remove()
+
+
+def copy_as_scalar(policy):
+    """A GPT-2 sequence-classification model with the policy's config (random head), for scoring."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = policy.model.config
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config)

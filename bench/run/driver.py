@@ -69,7 +69,7 @@ def plan(suite_path: str | None, overrides: list[str], address: str | None = Non
         f"  Ray: {'cluster at ' + address if address else 'embedded (ray.init on this machine)'}",
         f"  per trial: {sc.num_workers} worker(s) x {json.dumps(worker)} + 1 CPU for its Tune driver; "
         f"{concurrent} trial(s) at once -> {json.dumps(peak)}",
-        f"  DeepSpeed: ZeRO-{ds.zero_stage}, {'bf16' if ds.bf16 else 'fp32'}"
+        f"  DeepSpeed: ZeRO-{ds.zero_stage}, {'bf16' if ds.bf16 else 'fp32 weights, bf16 autocast' if ds.autocast else 'fp32'}"
         + (", optimizer offload" if ds.offload_optimizer else "") + (", param offload" if ds.offload_param else ""),
         f"  evaluation: {ev.num_prompts} prompts x {ev.samples_per_prompt} samples x <= {ev.max_new_tokens} tokens "
         f"at T = {', '.join(f'{t:g}' for t in ev.temperatures)}",

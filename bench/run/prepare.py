@@ -32,11 +32,17 @@ def cache_root(suite: SuiteConfig) -> Path:
     return Path(root).expanduser().resolve()
 
 
+def _precision(suite: SuiteConfig) -> dict:
+    """The cache keys' precision: bf16 always; autocast only when on, so that the keys of fp32 runs
+    stay what they were before the option existed."""
+    return {"bf16": suite.deepspeed.bf16, **({"autocast": True} if suite.deepspeed.autocast else {})}
+
+
 def env_key(suite: SuiteConfig, seed: int) -> str:
     """Content hash of everything a prepared env depends on."""
     params = dataclasses.asdict(env_params(suite))
     blob = json.dumps(
-        {"env": suite.env.name, "params": params, "seed": seed, "bf16": suite.deepspeed.bf16,
+        {"env": suite.env.name, "params": params, "seed": seed, **_precision(suite),
          "format": ENV_CACHE_FORMAT, "env_version": getattr(ENVS.get(suite.env.name), "version", 0)},
         sort_keys=True,
     )
@@ -137,7 +143,7 @@ def rm_key(suite: SuiteConfig, seed: int) -> str:
     """Content hash of the reward model: its env (by env_key), its training config, the precision."""
     blob = json.dumps(
         {"env": env_key(suite, seed), "rm": dataclasses.asdict(suite.reward_model), "seed": seed,
-         "bf16": suite.deepspeed.bf16, "format": RM_CACHE_FORMAT},
+         **_precision(suite), "format": RM_CACHE_FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -12,7 +12,8 @@ trial; the parts do not share warm caches):
 - `rm`: our Bradley–Terry reward-model training through DeepSpeed;
 - `ppo`: our PPO with a critic: rollout (generation) and update (everything else) separately;
 - `trl` (with `--vs trl`): TRL's DPOTrainer and RewardTrainer on `prefbench export-env`'s output of
-  the same env — same SFT model, pairs, batch size, steps, learning rate, precision (fp32).
+  the same env — same SFT model, pairs, batch size, steps, learning rate, precision (fp32; with
+  `--set deepspeed.autocast=true` ours autocasts to bf16 and TRL gets `bf16=True`, its own autocast).
 
 Rates are tokens per second: non-pad tokens of prompt + completion (+ EOS) of every sequence a
 step trains on (a DPO or RM step: chosen and rejected of `batch_size` pairs), over the median
@@ -59,6 +60,7 @@ class PerfConfig:
     ppo_steps: int  # PPO iterations timed
     repeats: int  # repeats of the non-training timings (peak, generate, evaluate)
     seed: int = 0
+    deepspeed: dict = dataclasses.field(default_factory=dict)  # the suite's `deepspeed` section (precision, ZeRO)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -84,6 +86,7 @@ def run_perf(env_name: str, overrides: list[str], *, seed: int = 0, steps: int =
         env_dir=str(env_dir), export_dir=None, steps=steps, batch_size=suite.train.batch_size, lr=suite.train.lr,
         beta=0.1, max_new_tokens=suite.eval.max_new_tokens, eval_num_prompts=suite.eval.num_prompts,
         eval_samples_per_prompt=suite.eval.samples_per_prompt, ppo_steps=ppo_steps, repeats=repeats, seed=seed,
+        deepspeed=dataclasses.asdict(suite.deepspeed),
     )
     results: dict = {"env": env_name, "env_dir": str(env_dir), "config": dataclasses.asdict(config)}
     with tempfile.TemporaryDirectory(prefix="prefbench-perf-") as tmp:
@@ -224,12 +227,12 @@ def _settings(cfg: PerfConfig, steps: int):
     return TrainSettings(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0, eval_every=10**9)
 
 
-def _deepspeed(trainables, settings):
+def _deepspeed(trainables, settings, cfg: PerfConfig):
     from bench.config import DeepSpeedSettings
     from bench.worker.engine import single_process_dist_env, wrap_with_deepspeed
 
     single_process_dist_env()
-    return wrap_with_deepspeed(trainables, settings, DeepSpeedSettings(), 1)
+    return wrap_with_deepspeed(trainables, settings, DeepSpeedSettings(**cfg.deepspeed), 1)
 
 
 def part_dpo(cfg: PerfConfig) -> dict:
@@ -249,7 +252,7 @@ def part_dpo(cfg: PerfConfig) -> dict:
     policy, reference = Policy.from_pretrained(sft), Policy.from_pretrained(sft, frozen=True)
     settings = _settings(cfg, cfg.steps + WARMUP_STEPS)
     clock = StepClock()
-    optimize = clock.wrap(_deepspeed(policy, settings))
+    optimize = clock.wrap(_deepspeed(policy, settings, cfg))
     ctx = TrainContext(policy=policy, reference=reference, params=DPOParams(beta=cfg.beta), train=settings,
                        data=EnvData([], [], data.pairs, pd.DataFrame()), optimize=optimize,
                        evaluate=lambda *a, **k: {}, seed=cfg.seed)
@@ -295,7 +298,7 @@ def part_rm(cfg: PerfConfig) -> dict:
     params = RewardModelParams(epochs=steps * cfg.batch_size / len(pairs), batch_size=cfg.batch_size, lr=cfg.lr,
                                warmup_steps=0)
     clock = StepClock()
-    optimize = clock.wrap(_deepspeed(rm, params.train_settings(len(pairs))))
+    optimize = clock.wrap(_deepspeed(rm, params.train_settings(len(pairs)), cfg))
     train_reward_model(rm, pairs, pairs.iloc[:0], params, optimize, seed=cfg.seed)
     return {"train": train_numbers(clock, cfg.batch_size * pair_tokens(rm.tokenizer, pairs), n_params(rm.head), cfg.steps)}
 
@@ -320,7 +323,7 @@ def part_ppo(cfg: PerfConfig) -> dict:
     reward_model = ScalarModel.from_pretrained(sft).freeze()  # any scalar model costs the same to query
     steps = cfg.ppo_steps + 1  # the first iteration is the warm-up
     settings = _settings(cfg, steps)
-    optimize = _deepspeed([policy, critic], settings)
+    optimize = _deepspeed([policy, critic], settings, cfg)
     params = PPOParams()
     iters = [{"rollout_s": 0.0, "generated": 0, "tokens": 0}]  # per iteration; the log call closes one
     generate = policy.generate
@@ -368,7 +371,8 @@ def part_ppo(cfg: PerfConfig) -> dict:
 
 
 def part_trl(cfg: PerfConfig) -> dict:
-    """TRL's DPOTrainer and RewardTrainer on the export, as their docs configure them, fp32 on CPU."""
+    """TRL's DPOTrainer and RewardTrainer on the export, as their docs configure them, on CPU (fp32, or
+    with `bf16=True`, TRL's autocast, when ours autocasts)."""
     import pandas as pd
     import torch
     from datasets import Dataset
@@ -387,7 +391,9 @@ def part_trl(cfg: PerfConfig) -> dict:
     common = dict(output_dir=str(export / "trl-out"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
                   learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-                  dataloader_num_workers=0, seed=cfg.seed, bf16=False,
+                  dataloader_num_workers=0, seed=cfg.seed,
+                  # TRL's bf16 on CPU is torch.autocast to bf16 over fp32 weights: ours with deepspeed.autocast
+                  bf16=bool(cfg.deepspeed.get("autocast") or cfg.deepspeed.get("bf16")),
                   optim="adamw_torch_fused")  # the fused torch AdamW, as ours (TrainingArguments' fastest AdamW)
 
     class Clock(TrainerCallback):
@@ -398,8 +404,8 @@ def part_trl(cfg: PerfConfig) -> dict:
             self.clock.tick()
 
     out = {"settings": {"dpo": "DPOConfig(precompute_ref_log_probs=True, optim=adamw_torch_fused, beta, lr, batch, "
-                               "fp32, use_cpu); padding_free needs flash-attention (GPU)",
-                        "rm": "RewardConfig(optim=adamw_torch_fused, batch, lr, fp32, use_cpu)"}}
+                               "fp32 or bf16 autocast as ours, use_cpu); padding_free needs flash-attention (GPU)",
+                        "rm": "RewardConfig(optim=adamw_torch_fused, batch, lr, precision as ours, use_cpu)"}}
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(export / "sft")
     clock = StepClock()
@@ -522,12 +528,16 @@ def format_suite_perf(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ output
+def _precision(ds: dict) -> str:
+    return "bf16" if ds.get("bf16") else "bf16 autocast" if ds.get("autocast") else "fp32"
+
+
 def format_perf(r: dict) -> str:
     c, peak = r["config"], r["peak"]
     g = 1e9
     lines = [
         f"prefbench perf: env {r['env']} ({r['env_dir']})",
-        f"  {c['steps']} timed steps (+{WARMUP_STEPS} warm-up) x {c['batch_size']} per step, lr {c['lr']}, fp32, "
+        f"  {c['steps']} timed steps (+{WARMUP_STEPS} warm-up) x {c['batch_size']} per step, lr {c['lr']}, {_precision(c.get('deepspeed', {}))}, "
         f"{peak['threads']} threads; medians over steps and {r['rounds']} round(s); tokens = prompt + completion (+EOS) "
         "of every trained sequence",
         f"  machine peak     fp32 matmul {peak['fp32_flops'] / g:7.1f} GFLOP/s   bf16 {peak['bf16_flops'] / g:7.1f} GFLOP/s",
@@ -570,6 +580,11 @@ def main() -> None:
     import resource
 
     cfg = PerfConfig(**json.loads(Path(cfg_path).read_text()))
+    import torch
+
+    from algorithms.policy import set_autocast
+
+    set_autocast(torch.bfloat16 if cfg.deepspeed.get("autocast") else None)  # as worker_setup does in a trial
     numbers = PARTS[part](cfg)
     numbers["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     Path(out_path).write_text(json.dumps(numbers))

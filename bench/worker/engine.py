@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from algorithms.interface import TrainSettings, require_finite, trainable_modules, warmup_lambda
-from algorithms.policy import Policy
+from algorithms.policy import Policy, set_autocast
 from algorithms.reward_model import ScalarModel
 from bench.config import DeepSpeedSettings, SuiteConfig, build_dataclass
 from bench.results import write_text_atomic
@@ -41,6 +41,7 @@ def worker_setup(suite_dict: dict, threads: int) -> tuple[SuiteConfig, int, int,
     quiet_libraries()
     torch.set_num_threads(int(threads))
     suite = build_dataclass(SuiteConfig, suite_dict, "")
+    set_autocast(torch.bfloat16 if suite.deepspeed.autocast else None)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if suite.scaling.use_gpu and torch.cuda.is_available():
@@ -82,6 +83,9 @@ def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: in
         # our optimizer is a client torch AdamW (DeepSpeed's CPU Adam would JIT-compile C++)
         "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": ds.bf16},
+        # the engine's forward under torch.autocast, and ZeRO's reductions of Linear grads in bf16;
+        # every other forward autocasts through algorithms.policy.set_autocast (worker_setup)
+        "torch_autocast": {"enabled": ds.autocast, "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
