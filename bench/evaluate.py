@@ -214,7 +214,10 @@ def best_of_n_stats(
     dups = duplicate_rate(roll.completion_ids, P, N)
     ref_logps = None
     if temperature == 1.0:  # the base the samples were drawn from: the reference at T = 1
-        ref_logps = sampler.reference.sequence_logps_batched(roll.prompt_ids, roll.completion_ids).double().numpy()
+        # the samples are the reference's own at T = 1: their log π_ref came with them from sampling
+        # (a rollout without token log-probs is scored by teacher forcing)
+        ref_logps = (roll.token_logps.double().sum(-1).numpy() if roll.token_logps is not None else
+                     sampler.reference.sequence_logps_batched(roll.prompt_ids, roll.completion_ids).double().numpy())
         ref_logps = ref_logps.reshape(P, N)
     out = {}
     for n in sampler.ns:

@@ -120,6 +120,17 @@ def test_sampler_and_evaluator_rerank_one_set_of_samples(policy, prompts):
         assert 0 <= rows[n]["dup_rate"] <= 1
     assert rows[8]["kl_h0"] == rows[8]["kl_h1"] == rows[8]["kl"]  # a bound is the same on both halves
     assert rows[8]["n_samples"] == 8 * len(prompts) and rows[8]["n_prompts"] == len(prompts)
+    # the plug-in estimate's log π_ref come from sampling (no teacher-forced pass over the N samples)
+    # and are the teacher-forced ones
+    scored = []
+    forced = policy.sequence_logps_batched
+    policy.sequence_logps_batched = lambda *a, **k: scored.append(1) or forced(*a, **k)
+    again = best_of_n_stats(sampler, evalset, temperature=1.0, max_new_tokens=12, seed=3)
+    del policy.sequence_logps_batched
+    assert not scored
+    groups, proxy = sampler.sample_groups(prompts, temperature=1.0, max_new_tokens=12, seed=3)
+    teacher = forced(groups.prompt_ids, groups.completion_ids).double().numpy().reshape(proxy.shape)
+    np.testing.assert_allclose(again[8]["kl_est"], bon_kl_estimate(proxy, teacher, 8), atol=1e-4)
     greedy = best_of_n_stats(sampler, evalset, temperature=0.0, max_new_tokens=12, seed=3)
     g = {n: summarize(s, temperature=0.0) for n, s in greedy.items()}
     assert g[1]["gold_reward"] == g[8]["gold_reward"] and g[8]["kl_kind"] == "none"
