@@ -29,6 +29,11 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+try:  # private to Ray Train V2: see Trainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+except ImportError:  # another Ray: Trainer is a plain TorchTrainer
+    DatasetsCallback = None
+
 from algorithms import ALGORITHMS
 from bench import say
 from bench.results import trial_dir
@@ -52,6 +57,22 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # Embedded Ray only: one node that nobody preempts, so no preemption-watcher actor (a Python
 # process of its own, ~120 MB) per TorchTrainer. Joining a cluster (--address) keeps Ray's default.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+class Trainer(TorchTrainer):
+    """A `TorchTrainer` without Ray Data's per-run `DatasetManager` actor.
+
+    Ray Train V2 starts a DatasetManager actor in every `fit()`, datasets or not: one more Python
+    process per running trial or stage (~1.4 CPU-s to start on 2 cores and ~100 MB, bench/PERF.md).
+    prefbench hands Ray no datasets (each worker reads the env's parquet files itself), so the
+    callback that makes the actor is left out. With datasets, or on a Ray whose (private) callback
+    is not where this looks, it is TorchTrainer as it is."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if DatasetsCallback is None or self.datasets:
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, DatasetsCallback)]
 
 
 def logical_cpus(suite: SuiteConfig) -> int:
@@ -132,7 +153,7 @@ def _rm_loop(payload: dict) -> None:
     stages.run_rm_stage(StagePayload(**payload), report=_report)
 
 
-def _fit_off_main_thread(trainer: TorchTrainer):
+def _fit_off_main_thread(trainer: Trainer):
     """`trainer.fit()` in a helper thread, the main thread waiting for it.
 
     Ray Train V2's fit() installs its own SIGINT handler when it runs in the main thread (Ctrl-C
@@ -158,7 +179,7 @@ def _fit_off_main_thread(trainer: TorchTrainer):
 def _run_stage(loop, payload: StagePayload, suite: SuiteConfig, name: str, storage: str | Path) -> float:
     """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers); returns its wall time in s."""
     t0 = time.time()
-    trainer = TorchTrainer(
+    trainer = Trainer(
         loop,
         train_loop_config=dataclasses.asdict(dataclasses.replace(payload, threads=_threads(suite, 1))),
         scaling_config=_scaling(suite.scaling),
@@ -208,7 +229,7 @@ def _trial_driver(config: dict, static: dict) -> None:
         run_trial(dataclasses.replace(payload, node_id=_node_id()), report=_tune_report)
         return
     scaling = ScalingSettings(**static["scaling"])
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _trial_loop,
         train_loop_config=dataclasses.asdict(payload),  # a plain dict, as Ray Train expects
         scaling_config=_scaling(scaling),
