@@ -86,7 +86,7 @@ def test_report_table_and_report_command(run_dir, tmp_path):
     text = (out / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "=" in line.split("|")[2]]
     # one row per (algorithm, knob value) in the configuration table: best-of-n has n = 1, 2, 4, 8
-    assert {r.split("|")[1].strip() for r in rows} >= {"dpo", "ipo", "ppo", "ppo-gt", "best-of-n", "unlikelihood"}
+    assert {r.split("|")[1].strip() for r in rows} >= {"dpo", "ipo", "simpo", "ppo", "ppo-gt", "best-of-n", "unlikelihood"}
     assert "| sft | – |" in text and "| preferred-ft | – |" in text
     for title in ("## Reward vs KL frontier", "## Temperature robustness", "## Cost and reward model"):
         assert title in text
@@ -151,12 +151,13 @@ def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
 def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_stage):
     # same env (cached), same global batches: rank-sharded data + ZeRO-2/3 gives the 1-worker ZeRO-0 losses.
     # PPO (rollouts from the gathered policy, policy + critic in one engine) under ZeRO-3 only: the
-    # stage that shards parameters; ZeRO-2's sharded gradients are DPO's to show (one trial start-up less)
+    # stage that shards parameters; ZeRO-2's sharded gradients are DPO's and SimPO's to show
     _, _, cache = run_dir
     out = tmp_path / "out2"
     with_ppo = zero_stage == 3
     algorithms = ("algorithms=[{name: dpo, sweep: {beta: [0.5]}}"
-                  + (", {name: ppo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.1]}}]" if with_ppo else "]"))
+                  + (", {name: ppo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.1]}}]" if with_ppo else
+                     ", {name: simpo, sweep: {beta: [2.0]}}]"))
     proc = run_cli(out, [algorithms, "baseline=false", "scaling.num_workers=2",
                          "scaling.max_concurrent_trials=1", f"deepspeed.zero_stage={zero_stage}"], cache=cache, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -174,7 +175,12 @@ def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_sta
     # position, policy + critic in one engine, the cached reward model, advantages whitened and token
     # means taken over the global batch: the 1-worker PPO, loss for loss
     trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
-    assert sorted(trials.index) == ["dpo-beta=0.5-seed0"] + (["ppo-kl_coef=0.1-seed0"] if with_ppo else [])
+    assert sorted(trials.index) == ["dpo-beta=0.5-seed0"] + (["ppo-kl_coef=0.1-seed0"] if with_ppo else ["simpo-beta=2.0-seed0"])
+    if not with_ppo:  # SimPO (no reference): the same 12 losses and norms on 2 ranks under ZeRO-2
+        one_loss, one_norm = _dpo_log(run_dir[0], "simpo-beta=2.0-seed0", "losses/simpo")
+        two_loss, two_norm = _dpo_log(out, "simpo-beta=2.0-seed0", "losses/simpo")
+        assert len(one_loss) == len(two_loss) == 12
+        assert two_loss == pytest.approx(one_loss, abs=1e-4) and two_norm == pytest.approx(one_norm, rel=1e-3)
     if with_ppo:
         assert trials.loc["ppo-kl_coef=0.1-seed0", "status"] == "ok", trials.loc["ppo-kl_coef=0.1-seed0", "reason"]
 

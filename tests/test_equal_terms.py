@@ -20,6 +20,7 @@ from algorithms.policy import Policy
 from algorithms.preferred_ft import PreferredFT, PreferredFTParams, preferred_examples
 from algorithms.reward_model import ScalarModel
 from algorithms.sft import sft_loss
+from algorithms.simpo import SimPO, SimPOParams, simpo_loss
 from algorithms.unlikelihood import Unlikelihood, UnlikelihoodParams, unlikelihood_loss
 from envs.base import pairs_from_samples
 
@@ -78,8 +79,8 @@ def test_first_pair_loss_at_the_reference_is_its_closed_form_with_dropout_in_the
 
 
 def test_reference_free_pair_methods_see_the_eval_mode_model_at_step_one(dropout_dir):
-    """Unlikelihood and Preferred-FT have no closed form at the reference: their first loss must be the
-    loss of the model in eval mode (no dropout noise), computed here by hand."""
+    """Unlikelihood, SimPO and Preferred-FT have no closed form at the reference: their first loss must be
+    the loss of the model in eval mode (no dropout noise), computed here by hand."""
     ref = Policy.from_pretrained(dropout_dir, frozen=True)
     enc = EncodedPairs.encode(ref, PAIRS, "test")
     train = TrainSettings(steps=1, batch_size=8, lr=1e-3, warmup_steps=0, eval_every=1000)
@@ -91,6 +92,11 @@ def test_reference_free_pair_methods_see_the_eval_mode_model_at_step_one(dropout
     expected, _, _ = unlikelihood_loss(logps[:b], mask[:b], logps[b:], mask[b:], 1.0)
     Unlikelihood().train(ctx)
     assert logs[0]["losses/unlikelihood"] == pytest.approx(float(expected.mean()), abs=1e-5)
+
+    ctx, logs = _ctx(Policy.from_pretrained(dropout_dir), SimPOParams(beta=2.0, gamma=0.5))
+    avg = (logps * mask).sum(-1) / mask.sum(-1)  # (2B,) the same first batch: nats per token
+    SimPO().train(ctx)
+    assert logs[0]["losses/simpo"] == pytest.approx(float(simpo_loss(avg[:b], avg[b:], 2.0, 0.5)[0].mean()), abs=1e-5)
 
     ctx, logs = _ctx(Policy.from_pretrained(dropout_dir), PreferredFTParams())
     examples = preferred_examples(PAIRS)

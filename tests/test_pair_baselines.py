@@ -1,4 +1,4 @@
-"""IPO, Unlikelihood and Preferred-FT: losses against hand numbers, params, registration, and a few
+"""IPO, SimPO, Unlikelihood and Preferred-FT: losses against hand numbers, params, registration, and a few
 real optimisation steps each on the tiny model."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from algorithms import ALGORITHMS
 from algorithms.interface import EnvData, ParamError, TrainContext, TrainSettings, params_from_dict, plain_optimizer
 from algorithms.ipo import IPO, IPOParams, ipo_loss
 from algorithms.preferred_ft import PreferredFT, PreferredFTParams, preferred_examples
+from algorithms.simpo import SimPO, SimPOParams, simpo_loss
 from algorithms.unlikelihood import Unlikelihood, UnlikelihoodParams, log1mexp, unlikelihood_loss
 
 LN2 = math.log(2.0)
@@ -183,10 +185,65 @@ def test_preferred_ft_training_raises_the_chosen(policy):
     assert logs[-1]["losses/preferred_ft"] < logs[0]["losses/preferred_ft"]
 
 
-# --------------------------------------------------------------------------------- all three
+# ---------------------------------------------------------------------------------- SimPO
+def test_simpo_loss_and_gradient_match_hand_numbers():
+    # average log-probs -1.0 (chosen) and -1.5 (rejected), beta 2, gamma 0.5: z = 2·0.5 − 0.5 = 0.5
+    pc, pr = torch.tensor([-1.0], requires_grad=True), torch.tensor([-1.5], requires_grad=True)
+    losses, chosen_r, rejected_r = simpo_loss(pc, pr, beta=2.0, gamma=0.5)
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-0.5))])
+    assert chosen_r.tolist() == pytest.approx([-2.0]) and rejected_r.tolist() == pytest.approx([-3.0])
+    losses.sum().backward()
+    # dL/dz = −σ(−z); dz/dpc = β, dz/dpr = −β
+    assert pc.grad.item() == pytest.approx(-2.0 / (1.0 + math.exp(0.5)))
+    assert pr.grad.item() == pytest.approx(2.0 / (1.0 + math.exp(0.5)))
+
+
+def test_simpo_loss_is_trls_cpo_simpo_formula():
+    """TRL's CPOTrainer, loss_type="simpo" (label_smoothing 0): logits = (chosen − rejected) − γ/β,
+    losses = −logsigmoid(β · logits), on length-averaged log-probs."""
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = -3 * torch.rand(16, generator=g), -3 * torch.rand(16, generator=g)
+    for beta, gamma in ((2.0, 0.5), (0.5, 1.0), (2.5, 1.375)):
+        trl = -F.logsigmoid(beta * ((chosen - rejected) - gamma / beta))
+        torch.testing.assert_close(simpo_loss(chosen, rejected, beta, gamma)[0], trl)
+
+
+def test_simpo_params_reject_bad_values():
+    assert SimPOParams().beta == 2.0 and SimPOParams().gamma == 0.5
+    for bad in ({"beta": 0.0}, {"beta": -1.0}, {"gamma": -0.1}):
+        with pytest.raises(ParamError, match=next(iter(bad))):
+            params_from_dict(SimPOParams, bad)
+
+
+def test_simpo_trains_without_the_reference_and_raises_the_chosen(policy):
+    """SimPO's first loss is −logσ(β·Δ − γ) of the policy's own average log-probs; the reference is
+    never scored (no reference log-probs), and training puts the chosen ahead of the rejected."""
+    params = SimPOParams(beta=2.0, gamma=0.5)
+    ctx, evaluations, logs = make_ctx(policy, params, steps=25)
+    scored = []
+    ctx.reference.sequence_logps_batched = lambda *a, **k: scored.append(1)
+    ctx.reference.token_logps = lambda *a, **k: scored.append(1)
+    first_batch = PAIRS.iloc[ctx.batch_indices(0, len(PAIRS))]
+    enc_p = policy.encode_prompts(first_batch["prompt"].tolist())
+    with torch.no_grad():
+        c_logps, c_mask = policy.token_logps(enc_p, policy.encode_completions(first_batch["chosen"].tolist()))
+        r_logps, r_mask = policy.token_logps(enc_p, policy.encode_completions(first_batch["rejected"].tolist()))
+    delta = (c_logps * c_mask).sum(-1) / c_mask.sum(-1) - (r_logps * r_mask).sum(-1) / r_mask.sum(-1)  # (B,) nats/token
+    SimPO().train(ctx)
+    assert not scored
+    assert evaluations[-1] == (25, True)
+    first = logs[0]
+    assert first["rewards/margin"] == pytest.approx(2.0 * float(delta.mean()), abs=1e-4)
+    assert first["losses/simpo"] == pytest.approx(float(-F.logsigmoid(2.0 * delta - 0.5).mean()), abs=1e-4)
+    assert logs[-1]["rewards/margin"] > first["rewards/margin"] + 1.0
+    assert logs[-1]["losses/simpo"] < first["losses/simpo"]
+
+
+# --------------------------------------------------------------------------------- all of them
 @pytest.mark.parametrize(
     "name, knob, algorithm",
-    [("ipo", "beta", IPO), ("unlikelihood", "alpha", Unlikelihood), ("preferred-ft", None, PreferredFT)],
+    [("ipo", "beta", IPO), ("simpo", "beta", SimPO), ("unlikelihood", "alpha", Unlikelihood),
+     ("preferred-ft", None, PreferredFT)],
 )
 def test_registered_with_knob_and_needs(name, knob, algorithm):
     algo = ALGORITHMS.get(name)
@@ -198,7 +255,7 @@ def test_registered_with_knob_and_needs(name, knob, algorithm):
         assert knob in algo.params_cls.__dataclass_fields__
 
 
-@pytest.mark.parametrize("algorithm, params", [(IPO, IPOParams()), (Unlikelihood, UnlikelihoodParams()),
+@pytest.mark.parametrize("algorithm, params", [(IPO, IPOParams()), (SimPO, SimPOParams()), (Unlikelihood, UnlikelihoodParams()),
                                                (PreferredFT, PreferredFTParams())])
 def test_no_pairs_is_a_clear_error(policy, algorithm, params):
     empty = pd.DataFrame({"prompt": [], "chosen": [], "rejected": []})
