@@ -69,9 +69,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from algorithms import ALGORITHMS
+from algorithms import ALGORITHMS, online
 from algorithms.interface import TrainContext, check, require_finite
-from algorithms.policy import Rollout
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -237,63 +236,13 @@ class PPO:
         self.reward = reward  # "reward_model" or "gold"
         self.needs = frozenset({"prompts", "critic", reward})
 
-    def _score(self, ctx: TrainContext, roll: Rollout) -> torch.Tensor:
-        """The raw score of each sample, (B,): the gold reward or the learned reward model's."""
-        if self.reward == "gold":
-            scores = ctx.gold(roll.prompts, roll.completions)
-        else:
-            # EOS appended only where the sample ended: a cut-off sample is scored as it was sampled
-            scores = ctx.reward_model.score(roll.prompts, roll.completions, ended=roll.ended)
-        return torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
-
-    def _reward_stats(self, ctx: TrainContext) -> dict:
-        """μ_ref, σ_ref: the score's mean and std over one seeded reference sample per train prompt
-        (a seeded subset of `reward_norm_samples` prompts) at the rollout temperature."""
-        p: PPOParams = ctx.params
-        prompts = ctx.data.train_prompts
-        n = min(p.reward_norm_samples, len(prompts))
-        chosen = np.sort(np.random.default_rng([ctx.seed, 0x5C0E]).permutation(len(prompts))[:n])
-        roll = ctx.reference.generate([prompts[i] for i in chosen], n=1, temperature=p.rollout_temperature,
-                                      max_new_tokens=ctx.max_new_tokens, seed=ctx.seed * 1_000_003 + 0x5C0E)
-        score = self._score(ctx, roll).double()
-        require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of the reference samples", score)
-        return {"mean": float(score.mean()), "std": float(score.std(unbiased=False)), "samples": n}
-
     def _normaliser(self, ctx: TrainContext) -> tuple[float, float]:
         """(μ_ref, σ_ref) with `reward_norm`, else (0, 1): ŝ = (score − μ_ref) / σ_ref."""
         p: PPOParams = ctx.params
         if not p.reward_norm:
             return 0.0, 1.0
-        scorer = "gold" if self.reward == "gold" else "reward_model"
-        key = (f"ppo-reward-stats/{scorer}/samples={min(p.reward_norm_samples, len(ctx.data.train_prompts))}"
-               f"/temperature={p.rollout_temperature:g}/max_new_tokens={ctx.max_new_tokens}/seed={ctx.seed}")
-        stats = ctx.cache(key, lambda: self._reward_stats(ctx))
-        if not stats["std"] > 1e-6:
-            raise ValueError(f"{self.name}: the reference samples' {scorer.replace('_', ' ')} scores all equal "
-                             f"{stats['mean']:.4g} (std {stats['std']:.2g}): nothing to normalise by; "
-                             "set reward_norm: false")
-        return stats["mean"], stats["std"]
-
-    def _rollout(self, ctx: TrainContext, batch: list[str], it: int) -> Rollout:
-        """Sample this rank's prompts `rollout_chunk` at a time, each chunk seeded by its global position."""
-        p: PPOParams = ctx.params
-        if len(batch) % p.rollout_chunk:
-            raise ValueError(f"{self.name}: rollout_chunk {p.rollout_chunk} must divide the per-worker batch "
-                             f"{len(batch)} (train.batch_size / scaling.num_workers)")
-        first = ctx.rank * len(batch)  # global position of this rank's first prompt
-        with ctx.policy.gathered():  # ZeRO-3: gather the shards once for all chunks
-            parts = [
-                ctx.policy.generate(batch[i : i + p.rollout_chunk], n=1, temperature=p.rollout_temperature,
-                                    max_new_tokens=ctx.max_new_tokens, seed=(ctx.seed * 1_000_003 + it) * 4096 + first + i)
-                for i in range(0, len(batch), p.rollout_chunk)
-            ]
-        return Rollout(
-            prompts=[x for r in parts for x in r.prompts], prompt_index=np.arange(len(batch)),
-            completions=[x for r in parts for x in r.completions],
-            prompt_ids=[x for r in parts for x in r.prompt_ids],
-            completion_ids=[x for r in parts for x in r.completion_ids], temperature=p.rollout_temperature,
-            ended=np.concatenate([r.ended for r in parts]),
-        )
+        return online.reference_score_stats(ctx, self.reward, samples=p.reward_norm_samples,
+                                            temperature=p.rollout_temperature, name=self.name)
 
     def train(self, ctx: TrainContext) -> dict:
         p: PPOParams = ctx.params
@@ -319,9 +268,10 @@ class PPO:
             # ---- rollout: one completion per prompt of this rank's slice, in chunks seeded by their
             # position in the global batch (so W workers sample exactly what 1 worker samples)
             idx = ctx.batch_indices(it, len(prompts))
-            roll = self._rollout(ctx, [prompts[i] for i in idx], it)
+            roll = online.rollout(ctx, [prompts[i] for i in idx], k=1, temperature=T, chunk=p.rollout_chunk, it=it,
+                                  name=self.name)
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            score = self._score(ctx, roll)  # (B,) raw
+            score = online.score(ctx, roll, self.reward)  # (B,) raw
             require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
             score_n = (score - shift) / scale  # (B,) ŝ, what the policy is rewarded with
             with torch.no_grad():

@@ -12,7 +12,8 @@ from pathlib import Path
 E2E = str(Path(__file__).parent / "suites" / "e2e.yaml")  # every algorithm, tiny sizes
 ALL_TRIALS = sorted([
     "sft-seed0", "dpo-beta=0.5-seed0", "dpo-beta=2.0-seed0", "ipo-beta=1.0-seed0", "simpo-beta=2.0-seed0", "ppo-kl_coef=0.1-seed0",
-    "ppo-gt-kl_coef=0.05-seed0", "best-of-n-seed0", "preferred-ft-seed0", "unlikelihood-alpha=0.1-seed0",
+    "ppo-gt-kl_coef=0.05-seed0", "online-dpo-beta=0.5-seed0", "online-dpo-gt-beta=0.5-seed0",
+    "rloo-kl_coef=0.05-seed0", "grpo-kl_coef=0.04-seed0", "reinforce-pp-kl_coef=0.05-seed0", "best-of-n-seed0", "preferred-ft-seed0", "unlikelihood-alpha=0.1-seed0",
 ])
 # what the evaluator measures: equal bit for bit between two runs of the same suite and seed on CPU
 METRICS = ["gold_reward", "gold_reward_se", "kl", "kl_se", "kl_k3", "kl_k3_se", "win_rate", "win_rate_se",
@@ -38,10 +39,10 @@ def session_pids(sid: int, pattern: str = "") -> list[int]:
             if int(line.split()[1]) == sid and pattern in line]
 
 
-def dpo_log(run, trial="dpo-beta=0.5-seed0", loss="losses/dpo"):
-    """(losses, grad norms) per step of a pair trial's train_log.jsonl (DPO's by default)."""
+def dpo_log(run, trial="dpo-beta=0.5-seed0"):
+    """(losses, grad norms) per step of a DPO trial's train_log.jsonl."""
     rows = [json.loads(line) for line in (run / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
-    return [r[loss] for r in rows], [r["optim/grad_norm"] for r in rows]
+    return [r["losses/dpo"] for r in rows], [r["optim/grad_norm"] for r in rows]
 
 
 class LineReader:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from bench.results import EVAL_COLUMNS
-from tests.e2e_run import ALL_TRIALS, E2E, dpo_log as _dpo_log, run_cli
+from tests.e2e_run import ALL_TRIALS, E2E, run_cli
 
 
 @pytest.mark.slow
@@ -146,53 +146,59 @@ def test_env_without_pairs_is_one_line_exit_2_and_leaves_no_output(tmp_path):
     assert not out.exists()
 
 
+# the trials each two-worker run repeats, with the train_log keys that must match the 1-worker run's:
+# ZeRO-2 shards gradients and optimizer state, ZeRO-3 also the parameters (rollouts then sample from
+# the gathered policy, PPO's policy and critic share one engine)
+TWO_WORKER_TRIALS = {
+    2: {"dpo-beta=0.5-seed0": ("{name: dpo, sweep: {beta: [0.5]}}", ["losses/dpo", "optim/grad_norm"]),
+        "simpo-beta=2.0-seed0": ("{name: simpo, sweep: {beta: [2.0]}}", ["losses/simpo", "optim/grad_norm"]),
+        "online-dpo-beta=0.5-seed0": ("{name: online-dpo, train: {steps: 6, eval_every: 3}, sweep: {beta: [0.5]}}",
+                                      ["losses/dpo", "objective/score", "objective/kl"]),
+        "rloo-kl_coef=0.05-seed0": ("{name: rloo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.05]}}",
+                                    ["losses/rloo", "objective/score", "objective/kl"])},
+    3: {"dpo-beta=0.5-seed0": ("{name: dpo, sweep: {beta: [0.5]}}", ["losses/dpo", "optim/grad_norm"]),
+        "ppo-kl_coef=0.1-seed0": ("{name: ppo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.1]}}",
+                                  ["objective/score", "objective/kl", "losses/policy", "losses/value"]),
+        "grpo-kl_coef=0.04-seed0": ("{name: grpo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.04]}}",
+                                    ["losses/grpo", "objective/score", "objective/kl"]),
+        "reinforce-pp-kl_coef=0.05-seed0": (
+            "{name: reinforce-pp, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.05]}}",
+            ["losses/policy", "objective/score", "objective/kl"])},
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_stage):
-    # same env (cached), same global batches: rank-sharded data + ZeRO-2/3 gives the 1-worker ZeRO-0 losses.
-    # PPO (rollouts from the gathered policy, policy + critic in one engine) under ZeRO-3 only: the
-    # stage that shards parameters; ZeRO-2's sharded gradients are DPO's and SimPO's to show
+    # same env (cached), same global batches: rank-sharded data + ZeRO-2/3 gives the 1-worker ZeRO-0
+    # losses. The on-policy methods sample their rollouts in chunks seeded by global position (from
+    # the gathered policy under ZeRO-3), score them with the cached reward model, and take their
+    # means over the global batch: the 1-worker algorithm, loss for loss
     _, _, cache = run_dir
     out = tmp_path / "out2"
-    with_ppo = zero_stage == 3
-    algorithms = ("algorithms=[{name: dpo, sweep: {beta: [0.5]}}"
-                  + (", {name: ppo, train: {steps: 6, eval_every: 3}, sweep: {kl_coef: [0.1]}}]" if with_ppo else
-                     ", {name: simpo, sweep: {beta: [2.0]}}]"))
+    trials = TWO_WORKER_TRIALS[zero_stage]
+    algorithms = "algorithms=[" + ", ".join(entry for entry, _ in trials.values()) + "]"
     proc = run_cli(out, [algorithms, "baseline=false", "scaling.num_workers=2",
-                         "scaling.max_concurrent_trials=1", f"deepspeed.zero_stage={zero_stage}"], cache=cache, timeout=900)
+                         "scaling.max_concurrent_trials=1", f"deepspeed.zero_stage={zero_stage}"], cache=cache, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "cached at" in proc.stderr
+    assert "Bradley-Terry" not in proc.stderr  # the reward model came from the cache
+    table = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    assert sorted(table.index) == sorted(trials)
+    assert (table["status"] == "ok").all(), table["reason"].to_dict()
 
-    one_loss, one_norm = _dpo_log(run_dir[0])
-    two_loss, two_norm = _dpo_log(out)
-    assert len(one_loss) == len(two_loss) == 12
-    assert two_loss == pytest.approx(one_loss, abs=1e-4)
-    assert two_norm == pytest.approx(one_norm, rel=1e-3)
+    def train_log(run, trial):
+        return [json.loads(line) for line in (run / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
+
+    for trial, (_, keys) in trials.items():
+        one, two = train_log(run_dir[0], trial), train_log(out, trial)
+        assert len(one) == len(two) == (12 if trial.startswith(("dpo", "simpo")) else 6), trial
+        for key in keys:
+            rel = 1e-3 if key == "optim/grad_norm" or trial.startswith("ppo") else 1e-4
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=rel, abs=1e-4), (trial, key)
     evals = pd.read_parquet(out / "evals.parquet")
     final = evals[evals["final"] & (evals["temperature"] == 1.0)]
     assert (final["n_samples"] == 32 * 4).all()  # both ranks' halves of the eval prompts were gathered
-    # PPO on 2 ranks: rollouts generated from the (ZeRO-3: gathered) policy in chunks seeded by global
-    # position, policy + critic in one engine, the cached reward model, advantages whitened and token
-    # means taken over the global batch: the 1-worker PPO, loss for loss
-    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
-    assert sorted(trials.index) == ["dpo-beta=0.5-seed0"] + (["ppo-kl_coef=0.1-seed0"] if with_ppo else ["simpo-beta=2.0-seed0"])
-    if not with_ppo:  # SimPO (no reference): the same 12 losses and norms on 2 ranks under ZeRO-2
-        one_loss, one_norm = _dpo_log(run_dir[0], "simpo-beta=2.0-seed0", "losses/simpo")
-        two_loss, two_norm = _dpo_log(out, "simpo-beta=2.0-seed0", "losses/simpo")
-        assert len(one_loss) == len(two_loss) == 12
-        assert two_loss == pytest.approx(one_loss, abs=1e-4) and two_norm == pytest.approx(one_norm, rel=1e-3)
-    if with_ppo:
-        assert trials.loc["ppo-kl_coef=0.1-seed0", "status"] == "ok", trials.loc["ppo-kl_coef=0.1-seed0", "reason"]
-
-        def ppo_log(run):
-            path = run / "trials" / "ppo-kl_coef=0.1-seed0" / "train_log.jsonl"
-            return [json.loads(line) for line in path.read_text().splitlines()]
-
-        one, two = ppo_log(run_dir[0]), ppo_log(out)
-        assert len(one) == len(two) == 6
-        for key in ("objective/score", "objective/kl", "losses/policy", "losses/value"):
-            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-3, abs=1e-4), key
-        assert "Bradley-Terry" not in proc.stderr  # the reward model came from the cache
     # the saved policy is whole (ZeRO-3 shards consolidated) and equals in shape the 1-worker one
     from transformers import AutoModelForCausalLM
 

@@ -221,16 +221,21 @@ def test_the_score_is_normalised_by_the_cached_reference_statistics(policy, tiny
 
 
 def test_the_reference_statistics_are_the_scores_of_seeded_reference_samples(policy, tiny_env_dir):
-    ctx, _ = _ppo_context(policy, tiny_env_dir, PPOParams(rollout_temperature=0.7, reward_norm_samples=16), steps=1)
-    algo = ALGORITHMS.get("ppo")
-    stats = algo._reward_stats(ctx)
+    from algorithms.online import reference_score_stats
+
+    computed = []
+    ctx, _ = _ppo_context(policy, tiny_env_dir, PPOParams(rollout_temperature=0.7, reward_norm_samples=16), steps=1,
+                          cache=lambda key, compute: computed.append(compute()) or computed[-1])
+    stats = reference_score_stats(ctx, "reward_model", samples=16, temperature=0.7, name="ppo")
     [(prompts, kw)] = ctx.reference.calls  # one sample of the REFERENCE per prompt, at the rollout temperature
     assert len(prompts) == 16 and set(prompts) <= set(ctx.data.train_prompts)
     assert (kw["n"], kw["temperature"], kw["max_new_tokens"]) == (1, 0.7, 6)
     roll = ctx.reference.reference.generate(prompts, **kw)
     scores = WordRM().score(prompts, roll.completions)
-    assert stats == pytest.approx({"mean": scores.mean(), "std": scores.std(), "samples": 16})
-    assert algo._reward_stats(ctx) == stats  # seeded: every rank and every trial computes the same
+    assert computed == [pytest.approx({"mean": scores.mean(), "std": scores.std(), "samples": 16})]
+    assert stats == pytest.approx((scores.mean(), scores.std()))
+    # seeded: every rank and every trial computes the same
+    assert reference_score_stats(ctx, "reward_model", samples=16, temperature=0.7, name="ppo") == stats
 
 
 def test_zero_spread_reference_scores_are_a_clear_error(policy, tiny_env_dir):
