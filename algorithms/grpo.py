@@ -88,19 +88,14 @@ class GRPO:
     def train(self, ctx: TrainContext) -> dict:
         p: GRPOParams = ctx.params
         policy, reference, T = ctx.policy, ctx.reference, p.rollout_temperature
-        prompts = ctx.data.train_prompts
-        if not prompts:
-            raise ValueError(f"{self.name} needs train prompts; the env produced none")
+        online.train_prompts(ctx, self.name)
         policy.model.train()
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
                 ctx.evaluate(policy, it)
-            idx = ctx.batch_indices(it, len(prompts))
-            roll = online.rollout(ctx, [prompts[i] for i in idx], k=p.group_size, temperature=T,
-                                  chunk=p.rollout_chunk, it=it, name=self.name)
+            roll, score = online.scored_rollout(ctx, it, k=p.group_size, temperature=T, chunk=p.rollout_chunk,
+                                                reward=self.reward, name=self.name)  # score: (N,) raw
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            score = online.score(ctx, roll, self.reward)  # (N,) raw
-            require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
             advantages = grpo_advantages(score.view(-1, p.group_size)).view(-1)  # (N,)
             with torch.no_grad():
                 ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)

@@ -14,6 +14,8 @@ from the current policy inside `train`, the score of a sample, and the reference
   ŝ = (score − μ_ref) / σ_ref is in units of the reference's spread whatever the scorer's scale
   (a Bradley–Terry logit, a gold reward in [0, 1]) and a KL coefficient means the same against
   either scorer.
+- `scored_rollout`: the two together for iteration `it` (this rank's prompts of the global batch);
+  `normaliser`: (μ_ref, σ_ref), or (0, 1) when an algorithm's `reward_norm` is off.
 - `clipped_surrogate`: the per-token clipped policy-gradient term of PPO-style objectives.
 
 Tokenisation of fresh samples is the policy's own (`Rollout.prompt_ids` / `completion_ids` are the
@@ -54,6 +56,25 @@ def rollout(ctx: TrainContext, prompts: list[str], *, k: int, temperature: float
     )
 
 
+def train_prompts(ctx: TrainContext, name: str) -> list[str]:
+    """The env's train prompts, or a clear error when it has none."""
+    if not ctx.data.train_prompts:
+        raise ValueError(f"{name} needs train prompts; the env produced none")
+    return ctx.data.train_prompts
+
+
+def scored_rollout(ctx: TrainContext, it: int, *, k: int, temperature: float, chunk: int, reward: str,
+                   name: str) -> tuple[Rollout, torch.Tensor]:
+    """Iteration `it`'s samples and their raw scores: this rank's train prompts of the global batch
+    (`ctx.batch_indices`), `k` samples each (`rollout`), scored by `score` and checked finite."""
+    prompts = ctx.data.train_prompts
+    idx = ctx.batch_indices(it, len(prompts))
+    roll = rollout(ctx, [prompts[i] for i in idx], k=k, temperature=temperature, chunk=chunk, it=it, name=name)
+    s = score(ctx, roll, reward)
+    require_finite(f"{name}: the {reward.replace('_', ' ')} score of iteration {it + 1}'s samples", s)
+    return roll, s
+
+
 def score(ctx: TrainContext, roll: Rollout, reward: str) -> torch.Tensor:
     """The raw score of each sample, (N,) float32: the gold reward or the learned reward model's."""
     if reward == "gold":
@@ -62,6 +83,15 @@ def score(ctx: TrainContext, roll: Rollout, reward: str) -> torch.Tensor:
         # EOS appended only where the sample ended: a cut-off sample is scored as it was sampled
         scores = ctx.reward_model.score(roll.prompts, roll.completions, ended=roll.ended)
     return torch.as_tensor(np.asarray(scores, dtype=np.float64), dtype=torch.float32)
+
+
+def normaliser(ctx: TrainContext, reward: str, *, enabled: bool, samples: int, temperature: float,
+               name: str) -> tuple[float, float]:
+    """(μ_ref, σ_ref) of `reference_score_stats` when `enabled` (a `reward_norm` param), else (0, 1):
+    ŝ = (score − μ_ref) / σ_ref."""
+    if not enabled:
+        return 0.0, 1.0
+    return reference_score_stats(ctx, reward, samples=samples, temperature=temperature, name=name)
 
 
 def reference_score_stats(ctx: TrainContext, reward: str, *, samples: int, temperature: float, name: str) -> tuple[float, float]:

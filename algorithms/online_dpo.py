@@ -26,7 +26,7 @@ import torch
 
 from algorithms import ALGORITHMS, online
 from algorithms.dpo import dpo_loss
-from algorithms.interface import TrainContext, check, require_finite
+from algorithms.interface import TrainContext, check
 from algorithms.pairs import implicit_reward_metrics, optim_metrics
 
 
@@ -66,18 +66,13 @@ class OnlineDPO:
     def train(self, ctx: TrainContext) -> dict:
         p: OnlineDPOParams = ctx.params
         policy, reference = ctx.policy, ctx.reference
-        prompts = ctx.data.train_prompts
-        if not prompts:
-            raise ValueError(f"{self.name} needs train prompts; the env produced none")
+        online.train_prompts(ctx, self.name)
         policy.model.train()
         for step in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
-            idx = ctx.batch_indices(step, len(prompts))
-            roll = online.rollout(ctx, [prompts[i] for i in idx], k=2, temperature=p.rollout_temperature,
-                                  chunk=p.rollout_chunk, it=step, name=self.name)
-            score = online.score(ctx, roll, self.reward)  # (2B,) raw
-            require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of step {step + 1}'s samples", score)
+            roll, score = online.scored_rollout(ctx, step, k=2, temperature=p.rollout_temperature,
+                                                chunk=p.rollout_chunk, reward=self.reward, name=self.name)  # (2B,) raw
             chosen, rejected = rank_pairs(score.view(-1, 2))  # (B,), (B,)
             order = torch.cat([chosen, rejected]).tolist()  # chosen first, then rejected: one forward
             p_ids = [roll.prompt_ids[i] for i in order]

@@ -236,24 +236,15 @@ class PPO:
         self.reward = reward  # "reward_model" or "gold"
         self.needs = frozenset({"prompts", "critic", reward})
 
-    def _normaliser(self, ctx: TrainContext) -> tuple[float, float]:
-        """(μ_ref, σ_ref) with `reward_norm`, else (0, 1): ŝ = (score − μ_ref) / σ_ref."""
-        p: PPOParams = ctx.params
-        if not p.reward_norm:
-            return 0.0, 1.0
-        return online.reference_score_stats(ctx, self.reward, samples=p.reward_norm_samples,
-                                            temperature=p.rollout_temperature, name=self.name)
-
     def train(self, ctx: TrainContext) -> dict:
         p: PPOParams = ctx.params
         policy, reference, critic = ctx.policy, ctx.reference, ctx.critic
-        prompts = ctx.data.train_prompts
-        if not prompts:
-            raise ValueError(f"{self.name} needs train prompts; the env produced none")
+        online.train_prompts(ctx, self.name)
         kl_coef = ctx.state.get("kl_coef", p.kl_coef)  # a resumed trial carries on with its adapted value
         kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.target_kl else None
         T = p.rollout_temperature
-        shift, scale = self._normaliser(ctx)  # every rank: ctx.cache synchronises the ranks
+        shift, scale = online.normaliser(ctx, self.reward, enabled=p.reward_norm, samples=p.reward_norm_samples,
+                                         temperature=T, name=self.name)  # every rank: ctx.cache synchronises the ranks
         # a critic started from the reward model predicts raw scores: normalise it like the score
         from_rm = self.reward == "reward_model" and p.critic_init == "reward_model"
         critic_shift, critic_scale = (shift, scale) if from_rm else (0.0, 1.0)
@@ -267,12 +258,9 @@ class PPO:
                 ctx.evaluate(policy, it)
             # ---- rollout: one completion per prompt of this rank's slice, in chunks seeded by their
             # position in the global batch (so W workers sample exactly what 1 worker samples)
-            idx = ctx.batch_indices(it, len(prompts))
-            roll = online.rollout(ctx, [prompts[i] for i in idx], k=1, temperature=T, chunk=p.rollout_chunk, it=it,
-                                  name=self.name)
+            roll, score = online.scored_rollout(ctx, it, k=1, temperature=T, chunk=p.rollout_chunk,
+                                                reward=self.reward, name=self.name)  # score: (B,) raw
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            score = online.score(ctx, roll, self.reward)  # (B,) raw
-            require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
             score_n = (score - shift) / scale  # (B,) ŝ, what the policy is rewarded with
             with torch.no_grad():
                 old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)

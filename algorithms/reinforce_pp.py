@@ -80,21 +80,16 @@ class ReinforcePP:
     def train(self, ctx: TrainContext) -> dict:
         p: ReinforcePPParams = ctx.params
         policy, reference, T = ctx.policy, ctx.reference, p.rollout_temperature
-        prompts = ctx.data.train_prompts
-        if not prompts:
-            raise ValueError(f"{self.name} needs train prompts; the env produced none")
-        shift, scale = (online.reference_score_stats(ctx, self.reward, samples=p.reward_norm_samples, temperature=T,
-                                                     name=self.name) if p.reward_norm else (0.0, 1.0))
+        online.train_prompts(ctx, self.name)
+        shift, scale = online.normaliser(ctx, self.reward, enabled=p.reward_norm, samples=p.reward_norm_samples,
+                                         temperature=T, name=self.name)
         policy.model.train()
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
                 ctx.evaluate(policy, it)
-            idx = ctx.batch_indices(it, len(prompts))
-            roll = online.rollout(ctx, [prompts[i] for i in idx], k=p.k, temperature=T, chunk=p.rollout_chunk,
-                                  it=it, name=self.name)
+            roll, score = online.scored_rollout(ctx, it, k=p.k, temperature=T, chunk=p.rollout_chunk,
+                                                reward=self.reward, name=self.name)  # score: (N,) raw
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            score = online.score(ctx, roll, self.reward)  # (N,) raw
-            require_finite(f"{self.name}: the {self.reward.replace('_', ' ')} score of iteration {it + 1}'s rollouts", score)
             score_n = (score - shift) / scale
             logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (N, T), with grad: the first epoch's
             old_logps = logps.detach()  # π_old: the policy that drew the samples

@@ -190,16 +190,18 @@ def _context(policy, name, params, steps, lr=1e-2):
 ])
 def test_a_short_run_starts_at_the_reference_and_raises_the_score(policy, name, params):
     torch.manual_seed(0)
-    ctx, logs, evaluations, rm = _context(policy, name, params, steps=12)
+    # online DPO learns from the ranking alone (most pairs of an untrained model tie at 0 'good'): more steps
+    steps = 24 if name.startswith("online-dpo") else 12
+    ctx, logs, evaluations, rm = _context(policy, name, params, steps=steps)
     ALGORITHMS.get(name).train(ctx)
-    assert evaluations == [(0, False), (12, True)]
+    assert evaluations == [(0, False), (steps, True)]
     first, last = logs[0], logs[-1]
     # the first step's samples come from the untouched policy: the reference, so no KL yet
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     if name.startswith("online-dpo"):
         assert first["losses/dpo"] == pytest.approx(math.log(2.0), abs=1e-5)  # DPO at the reference
         # 2 samples per prompt, each scored once (the gold variant asks the reward model nothing)
-        assert rm.calls == (0 if name.endswith("-gt") else 2 * 8 * 12)
+        assert rm.calls == (0 if name.endswith("-gt") else 2 * 8 * steps)
     early = np.mean([m["objective/score"] for m in logs[:3]])
     late = np.mean([m["objective/score"] for m in logs[-3:]])
     assert late > early + 0.2, (early, late)
