@@ -73,8 +73,7 @@ class GRPOParams:
         check(isinstance(self.group_size, int) and self.group_size >= 2, "group_size", "must be an integer >= 2")
         check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         check(self.cliprange > 0, "cliprange", "must be > 0")
-        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
-        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+        online.check_rollout_params(self)
 
 
 class GRPO:

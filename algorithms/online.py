@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from algorithms.interface import TrainContext, require_finite
+from algorithms.interface import TrainContext, check, require_finite
 from algorithms.policy import Rollout
 
 
@@ -120,6 +120,17 @@ def reference_score_stats(ctx: TrainContext, reward: str, *, samples: int, tempe
                          f"{stats['mean']:.4g} (std {stats['std']:.2g}): nothing to normalise by; "
                          "set reward_norm: false")
     return stats["mean"], stats["std"]
+
+
+def check_rollout_params(params) -> None:
+    """The checks of the rollout fields an on-policy params dataclass has (its `__post_init__` calls
+    this): `rollout_temperature` > 0, `rollout_chunk` an integer >= 1, and `reward_norm_samples`
+    an integer >= 2 where the algorithm normalises its score."""
+    check(params.rollout_temperature > 0, "rollout_temperature", "must be > 0")
+    check(isinstance(params.rollout_chunk, int) and params.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+    if hasattr(params, "reward_norm_samples"):
+        check(isinstance(params.reward_norm_samples, int) and params.reward_norm_samples >= 2, "reward_norm_samples",
+              "must be an integer >= 2")
 
 
 def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,

@@ -47,8 +47,7 @@ class OnlineDPOParams:
 
     def __post_init__(self) -> None:
         check(self.beta > 0, "beta", "must be > 0")
-        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
-        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+        online.check_rollout_params(self)
 
 
 class OnlineDPO:

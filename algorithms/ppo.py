@@ -147,11 +147,11 @@ def ppo_losses(
 ) -> dict[str, torch.Tensor]:
     """Clipped policy and value losses; every input (B, T). Returns policy, value, clipfrac, approx_kl.
     `tokens`: the token_mean divisor (see `masked_mean`)."""
-    ratio = torch.exp(logps - old_logps)
-    pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    pg = online.clipped_surrogate(logps, old_logps, advantages, cliprange)
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     with torch.no_grad():
+        ratio = torch.exp(logps - old_logps)
         clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
         approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
     return {
@@ -217,10 +217,7 @@ class PPOParams:
               "must be an integer >= 1")
         check(self.loss_aggregation in ("token_mean", "sequence_mean"), "loss_aggregation",
               "must be 'token_mean' or 'sequence_mean'")
-        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
-        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
-        check(isinstance(self.reward_norm_samples, int) and self.reward_norm_samples >= 2, "reward_norm_samples",
-              "must be an integer >= 2")
+        online.check_rollout_params(self)
         check(self.critic_init in ("reward_model", "sft"), "critic_init", "must be 'reward_model' or 'sft'")
 
 

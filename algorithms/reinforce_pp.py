@@ -63,10 +63,7 @@ class ReinforcePPParams:
         check(isinstance(self.k, int) and self.k >= 1, "k", "must be an integer >= 1")
         check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "must be an integer >= 1")
         check(self.cliprange > 0, "cliprange", "must be > 0")
-        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
-        check(isinstance(self.reward_norm_samples, int) and self.reward_norm_samples >= 2, "reward_norm_samples",
-              "must be an integer >= 2")
-        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+        online.check_rollout_params(self)
 
 
 class ReinforcePP:

@@ -56,10 +56,7 @@ class RLOOParams:
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         check(isinstance(self.k, int) and self.k >= 2, "k", "must be an integer >= 2 (a leave-one-out baseline)")
-        check(self.rollout_temperature > 0, "rollout_temperature", "must be > 0")
-        check(isinstance(self.reward_norm_samples, int) and self.reward_norm_samples >= 2, "reward_norm_samples",
-              "must be an integer >= 2")
-        check(isinstance(self.rollout_chunk, int) and self.rollout_chunk >= 1, "rollout_chunk", "must be an integer >= 1")
+        online.check_rollout_params(self)
 
 
 class RLOO:
