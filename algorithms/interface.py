@@ -124,7 +124,9 @@ class TrainContext:
     evaluate: Callable[..., dict]  # evaluate(sampler, step, *, final=False) -> metrics at T = 1
     log: Callable[[int, dict], None] = lambda step, metrics: None
     gold: Callable[[list[str], list[str]], np.ndarray] | None = None  # only for needs={"gold"}
-    reward_model: Any = None  # a frozen algorithms.reward_model.ScalarModel, only for needs={"reward_model"}
+    # a frozen algorithms.reward_model.ScalarModel, only for needs={"reward_model"}; bench hands a view of it
+    # that counts the samples given to `score` (trials.parquet rm_queries; gold is counted likewise)
+    reward_model: Any = None
     critic: Any = None  # a trainable ScalarModel optimised by ctx.optimize with the policy, only for needs={"critic"}
     max_new_tokens: int = 32  # completion cap of the suite's evaluation; on-policy rollouts use it too
     mean_over_ranks: Callable[[dict], dict] = lambda metrics: metrics  # average scalars over ranks (identity at 1)
@@ -183,6 +185,30 @@ class Algorithm(Protocol):
     trains_policy: bool
 
     def train(self, ctx: TrainContext) -> dict | None: ...
+
+
+# what kind of method an algorithm is, read off what it declares (the report's online-vs-offline view)
+FAMILIES = ("reference", "offline pairs", "on-policy, reward model", "on-policy, gold", "sampling", "other")
+
+
+def family(algo: Any) -> str:
+    """The algorithm's family, from `needs` and `trains_policy` alone (so a plugin gets one too):
+    trains on sampled prompts scored by the gold reward or by the learned reward model (PPO-GT and
+    PPO, online DPO, RLOO, ...), trains on the env's preference pairs (DPO, IPO, SimPO, ...),
+    samples from the reference and reranks by a scorer without training (best-of-n), or neither and
+    needs nothing (the SFT reference itself)."""
+    needs, trains = algo.needs, algo.trains_policy
+    if trains and "prompts" in needs and "gold" in needs:
+        return "on-policy, gold"
+    if trains and "prompts" in needs and "reward_model" in needs:
+        return "on-policy, reward model"
+    if trains and "pairs" in needs:
+        return "offline pairs"
+    if not trains and needs & {"reward_model", "gold"}:
+        return "sampling"
+    if not trains and not needs:
+        return "reference"
+    return "other"
 
 
 def params_from_dict(params_cls: type, values: dict) -> Any:

@@ -23,6 +23,7 @@ EVAL_COLUMNS = [
 TRIAL_COLUMNS = [
     "suite", "env", "algorithm", "trial_id", "seed", "knob", "knob_value", "params", "status", "reason",
     "n_evals", "train_time_s", "eval_time_s", "wall_time_s", "rm_accuracy", "nodes", "resumed_from", "summary",
+    "family", "rm_queries", "gold_queries",
 ]
 
 
@@ -114,8 +115,11 @@ def _read_rows(path: Path) -> pd.DataFrame:
     return pd.read_json(io.StringIO("\n".join(lines)), lines=True, precise_float=True) if lines else pd.DataFrame()
 
 
-def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Gather every trial's rows from OUT/trials/<id>/ into the two parquet files."""
+def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], status: dict[str, str | None],
+            families: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Gather every trial's rows from OUT/trials/<id>/ into the two parquet files. `families` maps an
+    algorithm to its family (`algorithms.interface.family`), so the report needs no registry."""
+    families = families or {}
     eval_frames, trial_rows = [], []
     for spec in trials:
         tdir = trial_dir(out, spec.trial_id)
@@ -141,6 +145,10 @@ def collect(out: Path, suite_name: str, env_name: str, trials: list[TrialSpec], 
             "resumed_from": summary.get("resumed_from"),  # the checkpoint step it was resumed from, if any
             # what the algorithm's train(ctx) returned (e.g. PPO's final adaptive kl_coef), as JSON
             "summary": json.dumps(summary.get("algorithm_summary", {}), sort_keys=True),
+            "family": families.get(spec.algorithm, ""),
+            # samples it had scored by the learned reward model / the gold reward while training
+            # (bench.worker.trial.QueryCount: not the evaluator's, not a cached value's)
+            "rm_queries": summary.get("rm_queries"), "gold_queries": summary.get("gold_queries"),
         })
     evals = pd.concat(eval_frames, ignore_index=True) if eval_frames else pd.DataFrame(columns=EVAL_COLUMNS)
     # a column a trial's rows lack (written by an older prefbench, resumed) is NaN: the report then

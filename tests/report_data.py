@@ -4,7 +4,8 @@ betas with three evaluations each, best-of-n with its KL bound; one extra failed
 
 Every row has its metrics on the two halves of the eval prompts (METRIC_h0/_h1), equal to the full
 sample unless `half_gaps` moves a DPO point's gold and win rate apart on them; `old=True` writes a run
-from before cross-fitting instead (no half columns, best-of-n's KL kind "analytic", no kl_est/dup_rate)."""
+from before cross-fitting instead (no half columns, best-of-n's KL kind "analytic", no kl_est/dup_rate,
+no family or query columns in trials.parquet)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ def _row(trial_id, algorithm, seed, knob, value, step, final, temperature, gold,
             "win_rate_h0": win + gap, "win_rate_h1": win - gap}
 
 
+FAMILY = {"sft": "reference", "dpo": "offline pairs", "best-of-n": "sampling"}
+
+
 def _trial(trial_id, algorithm, seed, knob, value, status="ok", reason="", rm=None, params=None):
-    return {"suite": "synthetic", "env": "tiny-sentiment", "algorithm": algorithm, "trial_id": trial_id, "seed": seed,
+    return {"family": FAMILY[algorithm], "rm_queries": 0, "gold_queries": 0, "suite": "synthetic", "env": "tiny-sentiment", "algorithm": algorithm, "trial_id": trial_id, "seed": seed,
             "knob": knob, "knob_value": value, "params": json.dumps(params or ({knob: value} if knob else {})),
             "status": status, "reason": reason, "n_evals": 3, "train_time_s": 10.0 + seed, "eval_time_s": 1.0,
             "wall_time_s": 12.0, "rm_accuracy": rm, "nodes": "n0", "resumed_from": None}
@@ -92,7 +96,8 @@ def make_run(out: Path, seeds=(0, 1, 2), config: str | None = None, dpo_shift: f
                else EVAL_COLUMNS + [c for c in NEW_COLUMNS if c not in EVAL_COLUMNS])
     ev = pd.DataFrame(evals, columns=columns)
     ev.to_parquet(out / "evals.parquet", index=False)
-    pd.DataFrame(trials, columns=TRIAL_COLUMNS).to_parquet(out / "trials.parquet", index=False)
+    trial_columns = [c for c in TRIAL_COLUMNS if c not in ("family", "rm_queries", "gold_queries")] if old else TRIAL_COLUMNS
+    pd.DataFrame(trials, columns=trial_columns).to_parquet(out / "trials.parquet", index=False)
     if config is not None:
         (out / "config.yaml").write_text(config)
     return out

@@ -61,10 +61,10 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert lines[0].startswith("suite quick: env tiny-sentiment, seeds [0, 1], ")
     n_trials = int(lines[0].rsplit(", ", 1)[1].split()[0])
     trial_lines = lines[lines.index("trials:") + 1 : lines.index("resources:")]
-    assert len(trial_lines) == n_trials == 2 * 17  # (1 SFT + 16 quick-suite trials) x 2 seeds
+    assert len(trial_lines) == n_trials == 2 * 26  # (1 SFT + 25 quick-suite trials) x 2 seeds
     assert any("dpo-beta=0.5-seed1" in line and "150 steps x 32" in line for line in trial_lines)
     assert "  env tiny-sentiment seed 1: to build" in lines
-    assert "  reward model seed 0: to train (for best-of-n, ppo)" in lines
+    assert "  reward model seed 0: to train (for best-of-n, grpo, online-dpo, ppo, reinforce-pp, rloo)" in lines
     assert any(line.startswith("  per trial: 1 worker(s) x {\"CPU\": 1.0}") for line in lines)
     assert not out.exists() and not (tmp_path / "cache").exists()
 

@@ -121,9 +121,18 @@ def test_quick_suite_covers_every_algorithm_with_a_frontier():
     points = {}
     for t in trials:
         points.setdefault(t.algorithm, set()).add(t.knob_value)
-    # simpo, online-dpo(-gt), rloo, grpo and reinforce-pp join it with results/quick's regeneration (issue 22)
-    assert set(points) == {"sft", "dpo", "ipo", "ppo", "ppo-gt", "best-of-n", "preferred-ft", "unlikelihood"}
+    from algorithms import ALGORITHMS
+
+    in_tree = {n for n in ALGORITHMS.names() if ALGORITHMS.origin(n).startswith("in-tree")}
+    assert set(points) == in_tree  # every in-tree algorithm, the on-policy ones and SimPO included
     assert len(points["dpo"]) >= 4 and len(points["ppo"]) >= 4
+    # every trainable method takes ~150 optimizer steps of 32 prompts or pairs (PPO: 40 rollouts x 4 epochs)
+    for t in trials:
+        algo = ALGORITHMS.get(t.algorithm)
+        if algo.trains_policy:
+            p = algo.params_cls(**t.params)
+            per_step = getattr(p, "ppo_epochs", 1) * getattr(p, "num_minibatches", 1) * getattr(p, "epochs", 1)
+            assert 150 <= t.train["steps"] * per_step <= 160 and t.train["batch_size"] == 32, t.trial_id
     bon = next(t for t in trials if t.algorithm == "best-of-n")
     assert bon.params["n"] == 64  # every n = 1 … 64 is reported from these 64 samples
 

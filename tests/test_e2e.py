@@ -186,6 +186,9 @@ def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_sta
     table = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
     assert sorted(table.index) == sorted(trials)
     assert (table["status"] == "ok").all(), table["reason"].to_dict()
+    one_table = pd.read_parquet(run_dir[0] / "trials.parquet").set_index("trial_id")
+    for col in ("family", "rm_queries", "gold_queries"):  # every rank's queries, summed
+        assert table[col].to_dict() == one_table.loc[table.index, col].to_dict(), col
 
     def train_log(run, trial):
         return [json.loads(line) for line in (run / "trials" / trial / "train_log.jsonl").read_text().splitlines()]
@@ -225,6 +228,39 @@ def test_best_of_n_reports_every_n_from_one_set_with_analytic_kl(run_dir):
     assert abs(t1.loc[1.0, "gold_reward"] - sft["gold_reward"]) < 4 * max(sft["gold_reward_se"], 0.01)
     other_t = bon[bon["temperature"] != 1.0]
     assert len(other_t) == 4 * 4 and (other_t["kl_kind"] == "none").all()
+
+
+@pytest.mark.slow
+def test_trials_record_their_family_and_the_reward_queries_they_trained_on(run_dir):
+    """trials.parquet: each algorithm's family, and the samples it had scored by the reward model or
+    the gold reward while training: iterations × prompts per iteration × samples per prompt, exactly.
+    Neither the evaluator's scoring (best-of-n reranks inside it) nor the reference's score
+    statistics (computed by whichever on-policy trial ran first, then cached) count, so the counts
+    do not depend on trial order."""
+    out, _, _ = run_dir
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial_id")
+    rollouts = 6 * 16  # steps × train.batch_size of the on-policy entries
+    expected = {  # trial: (family, rm queries, gold queries)
+        "sft-seed0": ("reference", 0, 0),
+        "dpo-beta=0.5-seed0": ("offline pairs", 0, 0),
+        "simpo-beta=2.0-seed0": ("offline pairs", 0, 0),
+        "unlikelihood-alpha=0.1-seed0": ("offline pairs", 0, 0),
+        "best-of-n-seed0": ("sampling", 0, 0),
+        "ppo-kl_coef=0.1-seed0": ("on-policy, reward model", rollouts, 0),
+        "ppo-gt-kl_coef=0.05-seed0": ("on-policy, gold", 0, rollouts),
+        "online-dpo-beta=0.5-seed0": ("on-policy, reward model", 2 * rollouts, 0),
+        "online-dpo-gt-beta=0.5-seed0": ("on-policy, gold", 0, 2 * rollouts),
+        "rloo-kl_coef=0.05-seed0": ("on-policy, reward model", 4 * rollouts, 0),
+        "grpo-kl_coef=0.04-seed0": ("on-policy, reward model", 4 * rollouts, 0),
+        "reinforce-pp-kl_coef=0.05-seed0": ("on-policy, reward model", rollouts, 0),
+    }
+    got = {t: (trials.loc[t, "family"], int(trials.loc[t, "rm_queries"]), int(trials.loc[t, "gold_queries"]))
+           for t in expected}
+    assert got == expected
+    report = (out / "report.md").read_text()
+    assert "## Online vs offline" in report
+    assert "| on-policy, reward model | rloo |" in report and "| 384 | 0 | 0 |" in report
+    assert "| sampling | best-of-n |" in report and "| 0 | 0 | 1–8 |" in report
 
 
 @pytest.mark.slow

@@ -222,3 +222,44 @@ def test_rollouts_are_k_samples_per_prompt_seeded_by_global_position(policy):
     assert half.completion_ids == whole.completion_ids[24:]
     with pytest.raises(ValueError, match="rollout_chunk 5 must divide"):
         rollout(ctx, prompts[8:], k=3, temperature=1.0, chunk=5, it=2, name="rloo")
+
+
+def test_every_in_tree_algorithm_has_the_family_its_needs_say():
+    """The report's online-vs-offline view groups by `family`, read off needs and trains_policy."""
+    from algorithms.interface import FAMILIES, family
+
+    got = {name: family(ALGORITHMS.get(name)) for name in ALGORITHMS.names()}
+    assert set(got.values()) <= set(FAMILIES)
+    in_tree = {n: f for n, f in got.items() if ALGORITHMS.origin(n).startswith("in-tree")}  # no plugins
+    assert in_tree == {
+        "sft": "reference", "best-of-n": "sampling",
+        **{n: "offline pairs" for n in ("dpo", "ipo", "simpo", "preferred-ft", "unlikelihood")},
+        **{n: "on-policy, reward model" for n in ("ppo", "online-dpo", "rloo", "grpo", "reinforce-pp")},
+        **{n: "on-policy, gold" for n in ("ppo-gt", "online-dpo-gt")},
+    }
+
+
+def test_query_count_counts_training_samples_only_and_resumes():
+    """bench's count of reward-model and gold queries: every sample scored through the context, but
+    none inside a paused section (the evaluator, a cached computation); a checkpoint's counts resume."""
+    from bench.worker.trial import CountedScorer, QueryCount
+
+    class Scorer:
+        tokenizer = "tok"
+
+        def score(self, prompts, completions, ended=None):
+            return np.zeros(len(completions))
+
+    count = QueryCount()
+    rm = CountedScorer(Scorer(), count)
+    gold = count.counted_gold(lambda prompts, completions: np.ones(len(completions)))
+    assert rm.score(["a", "b"], ["x", "y"], ended=np.ones(2, bool)).shape == (2,) and rm.tokenizer == "tok"
+    gold(["a"] * 3, ["x"] * 3)
+    with count.paused():
+        rm.score(["a"] * 5, ["x"] * 5)
+        with count.paused():
+            gold(["a"], ["x"])
+        gold(["a"], ["x"])
+    rm.score(["a"], ["x"])
+    assert count.counts == {"reward_model": 3, "gold": 3}
+    assert QueryCount(dict(count.counts)).counts == {"reward_model": 3, "gold": 3}

@@ -68,10 +68,10 @@ def test_markdown_tex_and_html_show_the_same_tables(run_dir):
     assert "![reward vs KL frontier](frontier.png)" in md
     assert "- `dpo-beta=0.1-seed0`: RuntimeError: boom" in md
     tex = (run_dir / "report.tex").read_text()
-    assert tex.count("\\toprule") == 5 and tex.count("\\bottomrule") == 5
+    assert tex.count("\\toprule") == 6 and tex.count("\\bottomrule") == 6  # 6 tables, online vs offline included
     assert "dpo & 3 & 0.710 $\\pm$ 0.025" in tex and "KL $\\le$ 1" in tex
     html = (run_dir / "report.html").read_text()
-    assert html.count('<table class="sortable">') == 6 and html.count("data:image/png;base64,") == 2
+    assert html.count('<table class="sortable">') == 7 and html.count("data:image/png;base64,") == 2
     # the selection rule and best-of-n's bound are stated in every format
     for text in (md, tex, html):
         assert "Cross-fitted" in text and "Beirami et al. 2024" in text and "In-sample" not in text
@@ -164,6 +164,32 @@ def test_a_run_without_half_columns_is_reported_in_sample_and_says_so(tmp_path):
         assert "In-sample" in text and "no half-sample columns" in text and "Cross-fitted" not in text, name
     md = (old / "report.md").read_text()
     assert "KL est." not in md and "| best-of-n | n=8 | 3 | 0.730 ± 0.025 | ≤ 1.20 ± 0.00 | 0.730 ± 0.025 |" in md
+
+
+def test_online_vs_offline_view_lists_families_and_query_costs(tmp_path):
+    """The families table: algorithms ordered by family (the reference, offline pairs, on-policy,
+    sampling), the frontier's best gold per budget, the queries each trial trained on (a range when
+    trials differ), best-of-n's n scores per prompt at inference; a run from before families has no
+    such table."""
+    out = make_run(tmp_path / "run")
+    trials = pd.read_parquet(out / "trials.parquet")
+    trials.loc[trials["algorithm"] == "dpo", "family"] = "on-policy, reward model"  # pretend DPO were online
+    trials.loc[trials["trial_id"] == "dpo-beta=1.0-seed0", "rm_queries"] = 19_200
+    trials.loc[trials["trial_id"].str.startswith("dpo-beta=1.0-seed") & (trials["seed"] > 0), "rm_queries"] = 9_600
+    trials.loc[trials["trial_id"].str.startswith("dpo-beta=0.25"), "rm_queries"] = 9_600
+    trials.to_parquet(out / "trials.parquet", index=False)
+    md = write_report(out).read_text()
+    section = md.split("## Online vs offline")[1].split("## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| reference", "sft"], ["| on-policy, reward model", "dpo"],
+                                                  ["| sampling", "best-of-n"]]
+    assert rows[1].endswith("| 9,600–19,200 | 0 | 0 |")
+    assert rows[2].endswith("| 0 | 0 | 1–8 |")
+    summary = summarize(load_run(out))
+    best = summary.metrics["dpo"]["best_gold@1"]
+    assert f"| {best.mean:.3f} ± {best.ci:.3f} |" in rows[1]
+    old = make_run(tmp_path / "old", old=True)
+    assert "Online vs offline" not in write_report(old).read_text()
 
 
 def test_rebuild_from_parquet_is_identical(run_dir, tmp_path):

@@ -142,6 +142,9 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
         f"uses one. ± {level} CI over seeds.",
         ["algorithm", "trials ok", "train time (s per seed)", "RM accuracy"], rows))
 
+    if "family" in run.trials and run.trials["family"].fillna("").ne("").any():
+        out.append(family_table(summary))
+
     rows = []
     temp_cols = [c for c in configs.columns if c.startswith("gold@T=")] if len(configs) else []
     estimated = bool(len(configs)) and any(r["kl_est"].mean == r["kl_est"].mean for _, r in configs.iterrows())
@@ -165,6 +168,54 @@ def tables(summary, configs: pd.DataFrame) -> list[Table]:
         ["algorithm", "knob", "seeds", "gold (T=1)", "KL (nats)"] + (["KL est. (nats)", "duplicates"] if estimated else [])
         + ["win rate (T=1)", "length"] + [c.replace("gold@", "gold ") for c in temp_cols], rows))
     return out
+
+
+# the families of algorithms.interface.FAMILIES, in the order the view lists them (the report imports no registry)
+FAMILY_ORDER = ("reference", "offline pairs", "on-policy, reward model", "on-policy, gold", "sampling", "other")
+
+
+def _queries(trials: pd.DataFrame, col: str) -> Cell:
+    """Mean queries per trial of one algorithm (a range when its trials differ), "–" when none recorded."""
+    q = pd.to_numeric(trials[col], errors="coerce").dropna() if col in trials else pd.Series(dtype=float)
+    if not len(q):
+        return ("–", float("nan"))
+    lo, hi = int(q.min()), int(q.max())
+    return (f"{lo:,}" if lo == hi else f"{lo:,}–{hi:,}", float(q.mean()))
+
+
+def family_table(summary) -> Table:
+    """The online-vs-offline view: each algorithm's family, its frontier numbers and what it cost in
+    reward-model and gold queries."""
+    run, s = summary.run, summary.run.settings
+    budgets, level = s.kl_budgets, f"{s.confidence:.0%}"
+    ok = run.trials[run.trials["status"] == "ok"]
+    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    fam = {a: (g["family"].dropna().iloc[0] if g["family"].notna().any() else "") for a, g in ok.groupby("algorithm")}
+    order = sorted(summary.metrics, key=lambda a: (rank.get(fam.get(a, ""), len(rank)), list(summary.metrics).index(a)))
+    rows = []
+    for algo in order:
+        m, trials = summary.metrics[algo], ok[ok["algorithm"] == algo]
+        if fam.get(algo) == "sampling" and trials["knob"].notna().any():  # best-of-n: n scores per prompt, per point
+            ns = run.evals.loc[run.evals["algorithm"] == algo, "knob_value"].dropna()
+            inference = (f"{ns.min():g}–{ns.max():g}" if len(ns) else "–", float(ns.max()) if len(ns) else float("nan"))
+        else:
+            inference = ("0", 0.0)
+        rows.append([_plain(fam.get(algo) or "–"), _plain(algo)] + [fmt(m.get(f"best_gold@{b:g}")) for b in budgets]
+                    + [fmt(m.get(f"area@{budgets[-1]:g}")), _queries(trials, "rm_queries"), _queries(trials, "gold_queries"),
+                       inference])
+    return Table(
+        "families", "Online vs offline",
+        "Every algorithm by family, read off what it declares (algorithms.interface.family): offline pairs "
+        "trains on the env's preference pairs (labelled by the gold reward once, when the env was built; the "
+        "reward model learns from the same pairs); on-policy trains on its own samples of the train prompts, "
+        "scored by the learned reward model, or by the gold reward (an oracle, not a fair competitor); sampling "
+        "trains nothing and reranks reference samples. Best gold and area as in the frontier table. Queries: "
+        "samples scored by the learned reward model (RM) or the gold reward while training, per trial (not "
+        "the evaluator's, which is the same for all; not the reference's score statistics, computed once per "
+        "env and shared); at inference, the RM scores per prompt each point needs (best-of-n: n). "
+        f"± {level} CI over seeds.",
+        ["family", "algorithm"] + [f"best gold, KL ≤ {b:g}" for b in budgets] + [f"area to {budgets[-1]:g}"]
+        + ["RM queries (train)", "gold queries (train)", "RM queries per prompt (inference)"], rows)
 
 
 def paired_table(summary) -> Table:

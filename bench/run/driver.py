@@ -195,6 +195,7 @@ def run_storage(suite: SuiteConfig, out_dir: Path) -> str:
 
 def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, resume: bool = False) -> int:
     from algorithms import ALGORITHMS
+    from algorithms.interface import family
     from bench.run import ray_runner
     from bench import report, results
     from bench.worker.engine import quiet_libraries
@@ -236,7 +237,8 @@ def _run(suite: SuiteConfig, trials: list, out_dir: Path, address: str | None, r
         finally:
             ray_runner.stop_ray()
     results.write_text_atomic(out_dir / "versions.json", json.dumps(package_versions(), indent=2))
-    evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status)
+    families = {t.algorithm: family(ALGORITHMS.get(t.algorithm)) for t in trials}
+    evals, trials_df = results.collect(out_dir, suite.name, suite.env.name, trials, status, families)
     path = report.write_report(out_dir)
     if todo:
         timing_doc = run_timing(out_dir, timing, time.time() - t0, min(suite.scaling.max_concurrent_trials, len(todo)))

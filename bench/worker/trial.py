@@ -13,6 +13,9 @@ checkpoint when it asks, write the trial's files. No Ray here: bench.run.ray_run
                                       then checkpoint(step), a restart point
             log(step, metrics)        training metrics averaged over ranks, guarded, rank 0 writes
         finish(summary)   the trained policy and summary.json (written last: it marks the trial done)
+
+The reward model and the gold reward the algorithm gets are counted (`QueryCount`): how many samples
+it had scored while it trained, the cost column of the report's online-vs-offline view.
 """
 
 from __future__ import annotations
@@ -45,6 +48,55 @@ from envs.base import GoldRewardError, gold_fn, load_env_data
 REFERENCE_EVAL_FORMAT = 5  # part of the cache key of reference evaluations: bump when the evaluator or sampler changes
 # logged training metrics that are a loss, a reward or a KL: NaN/inf in one stops the trial
 GUARDED_METRICS = ("losses/", "rewards/", "objective/", "policy/")
+
+
+class QueryCount:
+    """Samples this rank had scored by the trial's reward model (`reward_model`) and by the env's gold
+    reward (`gold`) through its TrainContext while the algorithm trained.
+
+    Not counted: calls inside `ctx.cache`'s compute (a value computed by the first trial that asks,
+    e.g. the reference's score statistics, and read by the rest: counting it would make a trial's
+    count depend on the order trials ran in) and inside `ctx.evaluate` (the evaluator's measurement,
+    equal for every algorithm; best-of-n's reranking there is its inference cost, n per prompt).
+    Saved with every checkpoint, so a resumed trial counts on from where it was."""
+
+    def __init__(self, counts: dict | None = None):
+        self.counts = {"reward_model": 0, "gold": 0, **(counts or {})}
+        self._paused = 0
+
+    def add(self, scorer: str, n: int) -> None:
+        if not self._paused:
+            self.counts[scorer] += n
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def counted_gold(self, gold: Callable[[list[str], list[str]], np.ndarray]) -> Callable[[list[str], list[str]], np.ndarray]:
+        def counted(prompts: list[str], completions: list[str]) -> np.ndarray:
+            self.add("gold", len(completions))
+            return gold(prompts, completions)
+
+        return counted
+
+
+class CountedScorer:
+    """The trial's reward model as the algorithm sees it: `score` counts its samples in a QueryCount;
+    everything else is the ScalarModel's own."""
+
+    def __init__(self, model: ScalarModel, count: QueryCount):
+        self._model, self._count = model, count
+
+    def score(self, prompts: list[str], completions: list[str], **kwargs) -> np.ndarray:
+        self._count.add("reward_model", len(completions))
+        return self._model.score(prompts, completions, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 @dataclass(frozen=True)
@@ -114,6 +166,7 @@ class Trial:
         self.resume: dict | None = None
         self.engine_step: Callable[[torch.Tensor], dict] | None = None  # wrap_with_deepspeed's optimize
         self.ctx: TrainContext | None = None
+        self.queries = QueryCount()
 
     def run(self) -> None:
         self.open()
@@ -168,6 +221,7 @@ class Trial:
                                           self.world)
         if self.resume:  # wall and eval time carry on from the run that saved the checkpoint
             self.eval_time = self.resume["eval_time_s"]
+            self.queries = QueryCount(self.resume.get("queries"))
             self.t_start -= self.resume["wall_time_s"]
             self.stepped = self.resume["step"] > 0
             self.n_steps = self.resume["step"]
@@ -186,7 +240,9 @@ class Trial:
         return TrainContext(
             policy=self.policy, reference=self.reference, params=self.params, train=self.train, data=self.data,
             optimize=self.optimize if self.engine_step else _no_optimizer, evaluate=self.evaluate, log=self.log,
-            gold=self.gold if "gold" in self.algo.needs else None, reward_model=self.reward_model, critic=self.critic,
+            gold=self.queries.counted_gold(self.gold) if "gold" in self.algo.needs else None,
+            reward_model=CountedScorer(self.reward_model, self.queries) if self.reward_model is not None else None,
+            critic=self.critic,
             seed=self.spec.seed, rank=self.rank, world_size=self.world, max_new_tokens=self.suite.eval.max_new_tokens,
             mean_over_ranks=lambda m: mean_over_ranks(m, self.world),
             start_step=self.resume["step"] if self.resume else 0,
@@ -217,6 +273,10 @@ class Trial:
         resume = self.resume
         if resume and not final and step == resume["step"]:
             return resume["last_eval"]  # evaluated (and its rows kept) before the checkpoint we resumed from
+        with self.queries.paused():
+            return self._evaluate(sampler, step, final)
+
+    def _evaluate(self, sampler, step: int, final: bool) -> dict:
         t0 = time.time()
         rows = []
         with (sampler.gathered() if sampler is self.policy else contextlib.nullcontext()):
@@ -249,7 +309,7 @@ class Trial:
     def checkpoint(self, step: int, metrics: dict, last_eval: dict) -> None:
         """A restart point: DeepSpeed's state and the trial's files, reported with `metrics`."""
         state = {"step": step, "algorithm_state": self.ctx.state, "last_eval": last_eval, "eval_time_s": self.eval_time,
-                 "wall_time_s": time.time() - self.t_start}
+                 "wall_time_s": time.time() - self.t_start, "queries": dict(self.queries.counts)}
         with checkpoint_dir(self.trial_dir, self.rank, step) as ckpt:
             save_checkpoint(ckpt, self.engine_step, state, self.rows_path, self.log_path, self.rank)
             self.report(metrics, checkpoint=ckpt)
@@ -285,8 +345,15 @@ class Trial:
     def algorithm_cache(self, scope: dict) -> Callable[[str, Callable[[], Any]], Any]:
         """`TrainContext.cache`: JSON files under the env dir's `algorithm_cache/`, one per (scope, key),
         e.g. PPO's reward statistics of reference samples, computed by the first trial that asks and
-        read by the rest. `scope` names what the env dir does not (the trial's reward model)."""
-        return algorithm_cache(self.env_dir, scope, self.rank, self.world)
+        read by the rest. `scope` names what the env dir does not (the trial's reward model). Scoring
+        inside it is not counted (`QueryCount`)."""
+        cache = algorithm_cache(self.env_dir, scope, self.rank, self.world)
+
+        def uncounted(key: str, compute: Callable[[], Any]) -> Any:
+            with self.queries.paused():
+                return cache(key, compute)
+
+        return uncounted
 
     # ----------------------------------------------------------------------------- finish
     def finish(self, summary: dict) -> None:
@@ -294,6 +361,7 @@ class Trial:
         if self.algo.trains_policy:
             save_hf(self.policy, self.trial_dir / POLICY_DIR, self.rank)
         nodes = sorted(set(all_gather(self.payload.node_id, self.world)) - {""})
+        queries = all_gather(self.queries.counts, self.world)  # every rank's, summed
         cuda = self.device.type == "cuda"
         peak_gpu = max(all_gather(torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else 0.0, self.world))
         if self.rank == 0:
@@ -303,6 +371,7 @@ class Trial:
                 **self.meta, "algorithm_summary": summary, **self.rm_metrics, "train_time_s": wall - self.eval_time,
                 "wall_time_s": wall, "eval_time_s": self.eval_time, "deepspeed_init_s": init_s,
                 "nodes": ",".join(nodes), "resumed_from": self.resume["step"] if self.resume else None,
+                "rm_queries": sum(q["reward_model"] for q in queries), "gold_queries": sum(q["gold"] for q in queries),
                 **({"peak_gpu_memory_gib": round(peak_gpu, 3)} if cuda else {}),
             }))
         barrier(self.world)

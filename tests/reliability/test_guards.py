@@ -205,7 +205,10 @@ def test_an_interrupted_run_is_one_line_exit_130_and_says_how_to_resume(tmp_path
     monkeypatch.setattr(bench.run.driver, "_run", interrupted_after_start)
     assert main(["run", "--out", str(out), "--set", "train.steps=5"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"prefbench: interrupted: 0 of 17 trials finished and kept in {out} (the others from their last "
+    from bench.config import expand_trials, load_suite
+
+    n = len(expand_trials(load_suite(None)))  # the quick suite's trials
+    assert err == [f"prefbench: interrupted: 0 of {n} trials finished and kept in {out} (the others from their last "
                    f"checkpoints); continue with: prefbench run --out {out} --set train.steps=5 --resume"]
     assert (out / "config.yaml").is_file()
 
