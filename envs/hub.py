@@ -215,3 +215,36 @@ def check_context(lengths: Sequence[int], extra: int, *, context: tuple[int, str
             f"config {field}): the longest is {longest} tokens + {extra_name} = {longest + extra}; "
             f"{fix(limit, longest)}"
         )
+
+
+def text_table(name: str, split: str, needed: Sequence[str], *, env: str, param: str, config: str | None = None):
+    """The `needed` text columns of a split as a DataFrame, without the rows that have a null in one of
+    them, and how many rows those were. A missing split or column, an unreadable file, no rows, every
+    row null: one line (ValueError) naming the dataset and env.params.{param}."""
+    data = read_split(name, split, config, env=env, param=param)
+    require_text_columns(data, needed, name=name, split=split, env=env, param=param)
+    table = data.select_columns(list(needed)).to_pandas()
+    null = table.isna().any(axis=1).to_numpy()
+    if null.all():
+        raise ValueError(f"env {env}: dataset {name} (env.params.{param}), split {split!r}: every one of its "
+                         f"{len(table)} rows has a null {' or '.join(needed)}")
+    return table[~null].reset_index(drop=True), int(null.sum())
+
+
+def take_fitting(candidates: list, n: int, rng, fits: Callable[[list], "Sequence[bool]"]) -> tuple[list, int]:
+    """Up to n candidates that fit, in a seeded random order (`rng`: a numpy Generator); only as many
+    are tokenized (`fits` on a chunk) as needed. Returns (kept, examined): examined − len(kept)
+    candidates were dropped for length."""
+    order = rng.permutation(len(candidates))
+    kept, examined = [], 0
+    chunk = max(256, 2 * n)
+    for start in range(0, len(order), chunk):
+        batch = [candidates[i] for i in order[start : start + chunk]]
+        ok = fits(batch)
+        for item, good in zip(batch, ok):
+            examined += 1
+            if good:
+                kept.append(item)
+                if len(kept) == n:
+                    return kept, examined
+    return kept, examined

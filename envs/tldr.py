@@ -107,38 +107,9 @@ def _say(message: str) -> None:
 
 
 def _columns(name: str, split: str, needed: list[str], param: str) -> tuple[pd.DataFrame, int]:
-    """The `needed` text columns of a split, without the rows that have a null in one of them, and how
-    many rows those were. A missing split or column, an unreadable file, no rows: one line naming the param."""
-    from envs.hub import read_split, require_text_columns
+    from envs.hub import text_table
 
-    data = read_split(name, split, env="tldr", param=param)
-    require_text_columns(data, needed, name=name, split=split, env="tldr", param=param)
-    table = data.select_columns(needed).to_pandas()
-    null = table.isna().any(axis=1).to_numpy()
-    if null.all():
-        raise ValueError(f"env tldr: dataset {name} (env.params.{param}), split {split!r}: every one of its "
-                         f"{len(table)} rows has a null {' or '.join(needed)}")
-    return table[~null].reset_index(drop=True), int(null.sum())
-
-
-def _take(candidates: list, n: int, rng: np.random.Generator, fits: Callable[[list], np.ndarray]) -> tuple[list, int]:
-    """Up to n candidates that fit, in a seeded random order; only as many are tokenized as needed.
-
-    Returns (kept, examined): examined − len(kept) candidates were dropped for length.
-    """
-    order = rng.permutation(len(candidates))
-    kept, examined = [], 0
-    chunk = max(256, 2 * n)
-    for start in range(0, len(order), chunk):
-        batch = [candidates[i] for i in order[start : start + chunk]]
-        ok = fits(batch)
-        for item, good in zip(batch, ok):
-            examined += 1
-            if good:
-                kept.append(item)
-                if len(kept) == n:
-                    return kept, examined
-    return kept, examined
+    return text_table(name, split, needed, env="tldr", param=param)
 
 
 class Tldr:
@@ -186,7 +157,7 @@ class Tldr:
         """Select train / eval posts and pairs (seeded), dropping posts longer than max_prompt_tokens."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from envs.hub import check_context, context_length
+        from envs.hub import check_context, context_length, take_fitting
 
         tokenizer = AutoTokenizer.from_pretrained(params.tokenizer or params.sft_model)
         config = AutoConfig.from_pretrained(params.sft_model)
@@ -214,7 +185,7 @@ class Tldr:
                                      ("eval", params.eval_split, params.num_eval_prompts)):
             table, nulls = _columns(params.dataset, split, ["prompt", "label"], "dataset")
             rows = list(dict(zip(map(as_prompt, table["prompt"]), map(summary_of, table["label"]))).items())
-            kept, examined = _take(rows, n, rng, short_prompts)
+            kept, examined = take_fitting(rows, n, rng, short_prompts)
             picked[split_name] = kept
             stats[split_name] = {"split": split, "kept": len(kept), "examined": examined,
                                  "dropped_long": examined - len(kept), "dropped_null": nulls}
@@ -232,7 +203,7 @@ class Tldr:
             return (short_prompts(rows) & (n_tokens([" " + r[1] for r in rows], False) <= limit)
                     & (n_tokens([" " + r[2] for r in rows], False) <= limit))
 
-        kept_pairs, examined = _take(pairs, params.num_pairs, rng, pair_fits)
+        kept_pairs, examined = take_fitting(pairs, params.num_pairs, rng, pair_fits)
         stats["pairs"] = {"split": params.pairs_split, "kept": len(kept_pairs), "examined": examined,
                           "dropped_long": examined - len(kept_pairs), "dropped_null": nulls}
         for part, s in stats.items():

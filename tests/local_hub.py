@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 
 def byte_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -62,3 +64,14 @@ def save_tiny_classifier(path: Path, texts: list[str], *, id2label: dict[int, st
     RobertaForSequenceClassification(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def write_dataset(root: Path, columns: list[str], splits: dict[str, dict[str, list[str]]]) -> str:
+    """A parquet dataset folder laid out like the CarperAI hub repos: data/{split}-00000-of-00001-<hash>.parquet
+    and a README whose YAML header has the card's dataset_info (which load_dataset checks the files against)."""
+    (root / "data").mkdir(parents=True)
+    for k, (split, table) in enumerate(splits.items()):
+        pd.DataFrame(table).to_parquet(root / "data" / f"{split}-00000-of-00001-{k:016x}.parquet", index=False)
+    features = "".join(f"  - name: {c}\n    dtype: string\n" for c in columns)
+    (root / "README.md").write_text(f"---\ndataset_info:\n  features:\n{features}---\n")
+    return str(root)

@@ -20,14 +20,13 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from envs.hub import Unavailable
-from tests.local_hub import save_tiny_classifier, save_tiny_gpt2
+from tests.local_hub import save_tiny_classifier, save_tiny_gpt2, write_dataset
 
 THINGS = ["landlord", "cat", "boss", "car", "sister", "roommate", "bank", "garden"]
 SUBS = ["relationships", "personalfinance", "tifu", "AskReddit", "pets"]
@@ -51,17 +50,6 @@ def label(i: int) -> str:
 SPLITS = {"train": list(range(0, 16)), "valid": list(range(16, 20)), "test": list(range(20, 30))}
 LONG = {3, 11, 22, 27}
 MAX_PROMPT_TOKENS = 120
-
-
-def write_dataset(root: Path, columns: list[str], splits: dict[str, dict[str, list[str]]]) -> str:
-    """A parquet dataset folder laid out like the CarperAI hub repos: data/{split}-00000-of-00001-<hash>.parquet
-    and a README whose YAML header has the card's dataset_info (which load_dataset checks the files against)."""
-    (root / "data").mkdir(parents=True)
-    for k, (split, table) in enumerate(splits.items()):
-        pd.DataFrame(table).to_parquet(root / "data" / f"{split}-00000-of-00001-{k:016x}.parquet", index=False)
-    features = "".join(f"  - name: {c}\n    dtype: string\n" for c in columns)
-    (root / "README.md").write_text(f"---\ndataset_info:\n  features:\n{features}---\n")
-    return str(root)
 
 
 def tldr_splits() -> dict:
