@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                         "the others restart from their last checkpoint")
     r.add_argument("--dry-run", action="store_true",
                    help="validate the suite and print its trial plan and resources; start nothing, write nothing")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (stage and trial steps, trial starts, evaluations, ends); "
+                        "failures, errors and the closing line stay")
     sub.add_parser("list", help="list the registered algorithms and envs")
     rep = sub.add_parser("report", help="rebuild OUT's report (tables, plots, HTML) from OUT/*.parquet")
     rep.add_argument("out", help="a run's output directory")
@@ -176,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(plan(args.suite, args.overrides, args.address))
         elif args.command == "run":
+            from bench.progress import set_quiet
             from bench.run.driver import run
 
+            set_quiet(args.quiet)
             _, failed = run(args.suite, args.overrides, args.out, args.address, resume=args.resume)
             if failed:
                 return 1  # results are written; trials.parquet says which trials failed and why

@@ -129,6 +129,24 @@ class DeepSpeedSettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Experiment tracking of the sweep, through Ray Tune's own logger callbacks: every trial's
+    reported metrics (its training metrics at each tenth of its steps, its evaluations) and params."""
+
+    tensorboard: bool = True  # Tune's TBXLoggerCallback: event files in each trial's Ray dir (OUT/ray/sweep/<trial>/)
+    mlflow: bool = False  # Ray's MLflowLoggerCallback: one MLflow run per trial (needs mlflow or mlflow-skinny)
+    mlflow_tracking_uri: str = ""  # "" = a local file store, OUT/mlruns
+    mlflow_experiment: str = ""  # "" = the suite's name
+    wandb: bool = False  # Ray's WandbLoggerCallback: one W&B run per trial (needs wandb)
+    wandb_project: str = "prefbench"
+    wandb_mode: str = "offline"  # offline (files under OUT/wandb, `wandb sync` later) or online
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online"):
+            raise ParamError("wandb_mode", f"must be offline or online, got {_show(self.wandb_mode)}")
+
+
+@dataclass
 class ReportSettings:
     kl_budgets: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])  # nats: best gold and area under each front up to each
     temperature_kl_budget: float = 3.0  # nats: each algorithm's point in the temperature plot = its best final point with KL(T=1) <= this
@@ -165,6 +183,7 @@ class SuiteConfig:
     cache_dir: str | None = None  # env / shared-stage cache; default $PREFBENCH_CACHE or ~/.cache/prefbench
     storage_path: str | None = None  # Ray Train/Tune storage (checkpoints): a shared path or s3://...; default OUT/ray
     report: ReportSettings = field(default_factory=ReportSettings)  # what the report measures (prefbench report reads it back)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # TensorBoard / MLflow / W&B logging of the sweep
 
     def __post_init__(self) -> None:
         # the default output directory is runs/NAME-TIME: a name must make one file name
@@ -393,6 +412,12 @@ def load_suite(path: str | Path | None = None, overrides: list[str] | None = Non
 
 def validate(suite: SuiteConfig) -> None:
     """Cross-field checks and plugin lookups; raises ConfigError naming the key."""
+    import importlib.util
+
+    for key, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if getattr(suite.tracking, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"tracking.{key}: needs the {package} package, which is not installed here "
+                              f"(pip install {'mlflow-skinny' if key == 'mlflow' else 'wandb'})")
     if not suite.seeds:
         raise ConfigError("seeds: must list at least one seed")
     if len(set(suite.seeds)) != len(suite.seeds):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,10 @@ def test_run_writes_results_config_versions_and_report(run_dir):
     assert "[prefbench] start dpo-beta=0.5-seed0" in stderr
     assert "step 6/12" in stderr
     assert "held-out pair accuracy" in stderr  # the shared reward-model stage ran (once)
+    # step progress of the stages and the trials (bench/progress.py): lines with rate and time left in a log
+    assert re.search(r"\[prefbench\]   env tiny-sentiment seed 0: SFT: 100% (\d+)/\1 \[", stderr)
+    assert re.search(r"\[prefbench\]   reward model tiny-sentiment seed 0: 100% (\d+)/\1 \[", stderr)
+    assert re.search(r"\[prefbench\]   dpo-beta=0\.5-seed0: +\d+% \d+/12 \[\d\d:\d\d<\d\d:\d\d", stderr)
 
 
 @pytest.mark.slow
@@ -261,6 +266,39 @@ def test_trials_record_their_family_and_the_reward_queries_they_trained_on(run_d
     assert "## Online vs offline" in report
     assert "| on-policy, reward model | rloo |" in report and "| 384 | 0 | 0 |" in report
     assert "| sampling | best-of-n |" in report and "| 0 | 0 | 1–8 |" in report
+
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_log_each_trial_s_training_curve_evaluations_and_params(run_dir):
+    """tracking: Tune's TBXLoggerCallback and Ray's MLflowLoggerCallback, read back by TensorBoard's
+    own event reader and by MLflow's client: a trial's training metrics at its progress reports, its
+    evaluations (gold reward, KL, win rate) and its params."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = run_dir
+    trial = "dpo-beta=0.5-seed0"
+    events = list((out / "ray" / "sweep" / trial).glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"ray/tune/losses/dpo", "ray/tune/gold_reward", "ray/tune/kl", "ray/tune/win_rate"} <= tags, tags
+    assert len(acc.Scalars("ray/tune/losses/dpo")) == 5  # steps 2, 4, ..., 10 of 12 (every max(2, 12 // 10))
+    gold = [e.value for e in acc.Scalars("ray/tune/gold_reward")]
+    evals = pd.read_parquet(out / "evals.parquet")
+    t1 = evals[(evals["trial_id"] == trial) & (evals["temperature"] == 1.0)].sort_values("step")
+    assert gold == pytest.approx(t1["gold_reward"].tolist(), rel=1e-6)  # steps 0, 6 and the final one
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("e2e")
+    runs = {r.data.params.get("trial/trial_id"): r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(pd.read_parquet(out / "trials.parquet")["trial_id"])
+    run = runs[trial]
+    assert run.data.params["trial/algorithm"] == "dpo" and run.data.params["trial/params/beta"] == "0.5"
+    history = client.get_metric_history(run.info.run_id, "gold_reward")
+    assert [m.value for m in history] == pytest.approx(t1["gold_reward"].tolist(), rel=1e-6)
+    assert len(client.get_metric_history(run.info.run_id, "losses/dpo")) == 5
 
 
 @pytest.mark.slow

@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ except ImportError:  # another Ray: Trainer is a plain TorchTrainer
 
 from algorithms import ALGORITHMS
 from bench import say
+from bench.progress import StepProgress, quiet
 from bench.results import trial_dir
 from bench.worker.faults import FAULTS_ENV
 from bench.worker import stages
@@ -153,8 +156,24 @@ def _rm_loop(payload: dict) -> None:
     stages.run_rm_stage(StagePayload(**payload), report=_report)
 
 
-def _fit_off_main_thread(trainer: Trainer):
-    """`trainer.fit()` in a helper thread, the main thread waiting for it.
+class StageSteps(ray_train.UserCallback):
+    """A stage's step reports (`{"step", "total_steps"}`, every rank's the same), appended as JSON
+    lines to `path`. It runs in the stage's controller actor, which Ray Train V2 places on the
+    driver's node, so the driver reads the file while it waits (`_fit_off_main_thread`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0] if metrics else {}
+        if "step" in m and "total_steps" in m:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": int(m["step"]), "total": int(m["total_steps"]), "t": time.time()}) + "\n")
+
+
+def _fit_off_main_thread(trainer: Trainer, steps_file: Path | None = None, on_steps=lambda step, total, t: None):
+    """`trainer.fit()` in a helper thread, the main thread waiting for it (and handing each new line
+    of `steps_file`, a `StageSteps` file, to `on_steps`).
 
     Ray Train V2's fit() installs its own SIGINT handler when it runs in the main thread (Ctrl-C
     aborts the job, and the handler stays installed after fit() returns: a later Ctrl-C calls into
@@ -170,38 +189,58 @@ def _fit_off_main_thread(trainer: Trainer):
 
     thread = threading.Thread(target=fit, name="prefbench-stage", daemon=True)
     thread.start()
-    thread.join()  # interruptible: a signal handler's KeyboardInterrupt is raised here
+    seen = 0
+    while thread.is_alive():
+        thread.join(timeout=1.0)  # interruptible: a signal handler's KeyboardInterrupt is raised here
+        if steps_file is not None and steps_file.exists():
+            lines = steps_file.read_text().splitlines()
+            for line in lines[seen:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line still being written: read it next time
+                    break
+                on_steps(r["step"], r["total"], r["t"])
+                seen += 1
     if "error" in box:
         raise box["error"]
     return box["result"]
 
 
-def _run_stage(loop, payload: StagePayload, suite: SuiteConfig, name: str, storage: str | Path) -> float:
-    """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers); returns its wall time in s."""
+def _run_stage(loop, payload: StagePayload, suite: SuiteConfig, name: str, storage: str | Path, label: str) -> float:
+    """One shared stage as a Ray Train job (TorchTrainer; DeepSpeed inside the workers), its steps shown
+    as they are reported (`bench.progress`, labelled `label`); returns its wall time in s."""
     t0 = time.time()
-    trainer = Trainer(
-        loop,
-        train_loop_config=dataclasses.asdict(dataclasses.replace(payload, threads=_threads(suite, 1))),
-        scaling_config=_scaling(suite.scaling),
-        run_config=ray_train.RunConfig(
-            name=f"{name}-{int(time.time())}", storage_path=str(storage),
-            worker_runtime_env={"env_vars": _worker_env()},
-        ),
-    )
-    _fit_off_main_thread(trainer)
+    progress = StepProgress()
+    with tempfile.TemporaryDirectory(prefix="prefbench-steps-") as tmp:
+        steps_file = Path(tmp) / "steps.jsonl"
+        trainer = Trainer(
+            loop,
+            train_loop_config=dataclasses.asdict(dataclasses.replace(payload, threads=_threads(suite, 1))),
+            scaling_config=_scaling(suite.scaling),
+            run_config=ray_train.RunConfig(
+                name=f"{name}-{int(time.time())}", storage_path=str(storage),
+                worker_runtime_env={"env_vars": _worker_env()}, callbacks=[StageSteps(str(steps_file))],
+            ),
+        )
+        try:
+            _fit_off_main_thread(trainer, steps_file, lambda step, total, t: progress.update(name, label, step, total, t))
+        finally:
+            progress.finish(name)
     return time.time() - t0
 
 
 def run_env_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, storage: str | Path) -> float:
     """SFT the env's initial policy in `env_dir` (built already) and write its data; returns the job's wall time."""
     payload = StagePayload(suite=suite_dict, env_dir=str(env_dir), seed=seed)
-    return _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage)
+    return _run_stage(_env_loop, payload, suite, f"env-{env_dir.name}", storage,
+                      label=f"env {suite.env.name} seed {seed}: SFT")
 
 
 def run_rm_stage(suite: SuiteConfig, suite_dict: dict, seed: int, env_dir: Path, rm_dir: Path, storage: str | Path) -> float:
     """Train the shared reward model of (env, seed) into `rm_dir`; returns the job's wall time."""
     payload = StagePayload(suite=suite_dict, env_dir=str(env_dir), seed=seed, rm_dir=str(rm_dir))
-    return _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage)
+    return _run_stage(_rm_loop, payload, suite, f"rm-{rm_dir.name}", storage,
+                      label=f"reward model {suite.env.name} seed {seed}")
 
 
 # ---------------------------------------------------------------------------------- sweep
@@ -255,6 +294,7 @@ class Progress(tune.Callback):
         self.started: dict[str, float] = {}
         self.took: dict[str, float] = {}  # trial id → seconds from Tune starting it to its end (timing.json)
         self.stopped: set[str] = set()  # trials a numerical fault stopped (they end without an error)
+        self.steps = StepProgress(min_interval_s=20.0, bars=False)  # trials run side by side: lines, no bars
 
     @staticmethod
     def _name(trial) -> str:
@@ -262,7 +302,8 @@ class Progress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[self._name(trial)] = time.time()
-        say(f"[prefbench] start {self._name(trial)}")
+        if not quiet():
+            say(f"[prefbench] start {self._name(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "stopped" in result:  # a numerical fault (bench.worker.trial.run_trial): no retry, the reason recorded
@@ -272,7 +313,11 @@ class Progress(tune.Callback):
         if "resumed_from" in result:
             say(f"[prefbench]   {self._name(trial)} resumed from its checkpoint at step {int(result['resumed_from'])}")
             return
-        if "gold_reward" not in result:
+        if "progress_step" in result:  # a tenth of its steps (bench.worker.trial.Trial.log)
+            self.steps.update(self._name(trial), self._name(trial), int(result["progress_step"]),
+                              int(result["total_steps"]))
+            return
+        if "gold_reward" not in result or quiet():
             return
         kl = result.get("kl", float("nan"))
         kl_txt = f"{kl:.2f}" if kl == kl else "n/a"
@@ -291,7 +336,9 @@ class Progress(tune.Callback):
             return
         took = time.time() - self.started.get(name, time.time())
         self.took[name] = took
-        say(f"[prefbench] done  {name} in {took:.0f}s ({self.done}/{self.total})")
+        self.steps.finish(name)
+        if not quiet():
+            say(f"[prefbench] done  {name} in {took:.0f}s ({self.done}/{self.total})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.done += 1
@@ -299,7 +346,33 @@ class Progress(tune.Callback):
             reason = one_line(trial.get_pickled_error())
         except Exception:  # the reason is in trials.parquet either way
             reason = "see trials.parquet"
+        self.steps.finish(self._name(trial))
         say(f"[prefbench] FAILED {self._name(trial)} ({self.done}/{self.total}): {reason}")
+
+
+def tracking_callbacks(suite: SuiteConfig, out: Path) -> list:
+    """The sweep's experiment tracking (the suite's `tracking:`), as Ray Tune's own logger callbacks;
+    Tune's CSV and JSON loggers are kept as Tune's own record. Each trial logs what it reports: its
+    training metrics at every tenth of its steps (`progress_step`), its evaluations (`gold_reward`,
+    `kl`, `win_rate`) and, as params, its config (algorithm, knob, params, seed, train settings)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    t = suite.tracking
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()] + ([TBXLoggerCallback()] if t.tensorboard else [])
+    if t.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        if not t.mlflow_tracking_uri:  # MLflow 3 refuses its file store unless told it is wanted
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=t.mlflow_tracking_uri or (out.resolve() / "mlruns").as_uri(),
+            experiment_name=t.mlflow_experiment or suite.name, tags={"prefbench.suite": suite.name}))
+    if t.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=t.wandb_project, group=suite.name, mode=t.wandb_mode,
+                                             dir=str(out.resolve())))
+    return callbacks
 
 
 def run_sweep(
@@ -323,6 +396,7 @@ def run_sweep(
         "scaling": dataclasses.asdict(suite.scaling),
     }
     progress = Progress(len(trials))
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the loggers are tracking_callbacks'
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial_driver, static=static), {"CPU": 1}),
         param_space={"trial": tune.grid_search([dataclasses.asdict(t) for t in trials])},
@@ -335,7 +409,7 @@ def run_sweep(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), verbose=0, callbacks=[progress],
+            name=name, storage_path=str(storage), verbose=0, callbacks=[progress, *tracking_callbacks(suite, out)],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

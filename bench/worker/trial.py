@@ -260,12 +260,18 @@ class Trial:
         return self.engine_step(loss)
 
     def log(self, step: int, metrics: dict) -> None:
-        """`ctx.log`: training metrics, averaged over ranks (a W-worker log reads like a 1-worker log)."""
+        """`ctx.log`: training metrics, averaged over ranks (a W-worker log reads like a 1-worker log);
+        at every tenth of the trial's steps (every second at least) also a report of the step and the
+        metrics, for the progress lines and the tracking loggers (every rank logs the same steps, so
+        every rank reports alike: a report is a barrier)."""
         metrics = mean_over_ranks(metrics, self.world)
         check_logged(step, metrics)
         if self.rank == 0:
             with self.log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
+        total = self.train.steps
+        if 0 < step < total and step % max(2, total // 10) == 0:  # also what TensorBoard/MLflow log (tracking:)
+            self.report({"trial_id": self.spec.trial_id, "progress_step": step, "total_steps": total, **metrics})
 
     def evaluate(self, sampler, step: int, *, final: bool = False) -> dict:
         """`ctx.evaluate`: the one evaluator at T = 1 (every eval temperature when `final`); rank 0
