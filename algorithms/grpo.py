@@ -66,7 +66,7 @@ class GRPOParams:
     epochs: int = 1  # passes over each rollout batch (TRL's num_iterations; 1: π_old = π)
     cliprange: float = 0.2  # ε_c of the ratio clip
     rollout_temperature: float = 1.0  # sampling temperature of the rollouts; π, π_old and π_ref are scored at it
-    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (must divide the per-worker batch)
+    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (divides the per-worker batch, or is above it: one call)
 
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")

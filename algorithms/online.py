@@ -36,7 +36,8 @@ def rollout(ctx: TrainContext, prompts: list[str], *, k: int, temperature: float
             name: str) -> Rollout:
     """`k` samples of each of this rank's `prompts` (prompt-major: prompt 0's k first), drawn
     `chunk` prompts per generation call, each call seeded by its position in the global batch of
-    iteration `it` (see the module docstring)."""
+    iteration `it` (see the module docstring). A `chunk` above the per-worker batch is the batch."""
+    chunk = min(chunk, len(prompts))
     if len(prompts) % chunk:
         raise ValueError(f"{name}: rollout_chunk {chunk} must divide the per-worker batch "
                          f"{len(prompts)} (train.batch_size / scaling.num_workers)")

@@ -43,7 +43,7 @@ def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class OnlineDPOParams:
     beta: float = 0.5  # DPO's β on the fresh pairs; the frontier knob
     rollout_temperature: float = 1.0  # sampling temperature of the two samples per prompt
-    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (must divide the per-worker batch)
+    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (divides the per-worker batch, or is above it: one call)
 
     def __post_init__(self) -> None:
         check(self.beta > 0, "beta", "must be > 0")

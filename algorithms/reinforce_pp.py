@@ -56,7 +56,7 @@ class ReinforcePPParams:
     rollout_temperature: float = 1.0  # sampling temperature of the rollouts; π and π_ref are scored at it
     reward_norm: bool = True  # score → (score − μ_ref) / σ_ref (algorithms.online), as PPO
     reward_norm_samples: int = 256  # train prompts (one reference sample each) that μ_ref and σ_ref are measured on
-    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (must divide the per-worker batch)
+    rollout_chunk: int = 8  # prompts per generation call, seeded by global position (divides the per-worker batch, or is above it: one call)
 
     def __post_init__(self) -> None:
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")

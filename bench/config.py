@@ -553,6 +553,12 @@ def expand_trials(suite: SuiteConfig) -> list[TrialSpec]:
                 raise ConfigError(f"{where}.{section}.{_key(e.field)}: {e.message}") from None
             except (TypeError, ValueError) as e:  # a plugin's own check that is not a ParamError
                 raise ConfigError(f"{where}.params: {spec.name}: {first_line(e)}") from None
+            chunk = getattr(params, "rollout_chunk", None)  # the on-policy algorithms' generation calls
+            per_worker = train.batch_size // suite.scaling.num_workers
+            if isinstance(chunk, int) and chunk < per_worker and per_worker % chunk:
+                section = "sweep" if "rollout_chunk" in spec.sweep else "params"
+                raise ConfigError(f"{where}.{section}.rollout_chunk: {chunk} must divide the per-worker batch "
+                                  f"{per_worker} (train.batch_size / scaling.num_workers) or be above it")
             params_dict = dataclasses.asdict(params)
             knob = spec.knob or algo.knob
             if knob is not None and knob not in params_dict:

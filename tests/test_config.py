@@ -45,6 +45,9 @@ def _process(*args):
         (GOOD + "deepspeed: {bf16: true, autocast: true}\n", "deepspeed.autocast: and bf16 exclude each other"),
         (GOOD + "scaling: {resources_per_worker: {CPU: -1}}\n", "scaling.resources_per_worker: expected resource name"),
         (GOOD + "scaling: {max_failures: -1}\n", "scaling.max_failures: must be >= 0"),
+        (GOOD.replace("batch_size: 8", "batch_size: 12").replace("sweep: {beta: [0.5, 1.0]}",
+                                                                "params: {rollout_chunk: 8}").replace("dpo", "rloo"),
+         "algorithms[0].params.rollout_chunk: 8 must divide the per-worker batch 12"),
         (GOOD + "report: {kl_budgets: []}\n", "report.kl_budgets: must list at least one KL budget"),
         (GOOD + "report: {kl_budgets: [1, -3]}\n", "report.kl_budgets: must be finite numbers > 0"),
         (GOOD + "report: {temperature_kl_budget: .inf}\n", "report.temperature_kl_budget: must be a finite number > 0"),
@@ -135,6 +138,11 @@ def test_quick_suite_covers_every_algorithm_with_a_frontier():
             assert 150 <= t.train["steps"] * per_step <= 160 and t.train["batch_size"] == 32, t.trial_id
     bon = next(t for t in trials if t.algorithm == "best-of-n")
     assert bon.params["n"] == 64  # every n = 1 … 64 is reported from these 64 samples
+
+
+def test_a_rollout_chunk_above_the_per_worker_batch_is_one_generation_call():
+    suite = load_suite(None, ["train.batch_size=4", "scaling.num_workers=2"])  # per-worker 2, rollout_chunk 8
+    assert {t.algorithm for t in expand_trials(suite)} >= {"online-dpo", "rloo", "grpo", "ppo"}
 
 
 def test_knob_override_and_reward_model_section():

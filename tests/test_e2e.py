@@ -269,7 +269,7 @@ def test_trials_record_their_family_and_the_reward_queries_they_trained_on(run_d
 
 
 @pytest.mark.slow
-def test_tensorboard_and_mlflow_log_each_trial_s_training_curve_evaluations_and_params(run_dir):
+def test_tensorboard_and_mlflow_log_each_trial_s_training_curve_evaluations_and_params(run_dir, monkeypatch):
     """tracking: Tune's TBXLoggerCallback and Ray's MLflowLoggerCallback, read back by TensorBoard's
     own event reader and by MLflow's client: a trial's training metrics at its progress reports, its
     evaluations (gold reward, KL, win rate) and its params."""
@@ -290,6 +290,7 @@ def test_tensorboard_and_mlflow_log_each_trial_s_training_curve_evaluations_and_
     t1 = evals[(evals["trial_id"] == trial) & (evals["temperature"] == 1.0)].sort_values("step")
     assert gold == pytest.approx(t1["gold_reward"].tolist(), rel=1e-6)  # steps 0, 6 and the final one
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in to read a file store, as the run does
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("e2e")
     runs = {r.data.params.get("trial/trial_id"): r for r in client.search_runs([experiment.experiment_id])}

@@ -22,7 +22,7 @@ from bench.tools import gpu_bundle
 ROOT = Path(__file__).resolve().parent.parent
 # the Python packages of the GPU machine's image (the device notes' list, 2026-11-17), as far as
 # prefbench's run path could touch them; each is linked in with what it requires, when installed here
-IMAGE = ["accelerate", "aiohttp", "certifi", "charset-normalizer", "click", "cloudpickle", "contourpy", "cycler",
+IMAGE = ["accelerate", "aiohttp", "attrs", "certifi", "charset-normalizer", "click", "cloudpickle", "contourpy", "cycler",
          "filelock", "fonttools", "fsspec", "grpcio", "huggingface-hub", "idna", "jinja2", "kiwisolver", "markupsafe",
          "matplotlib", "msgpack", "networkx", "ninja", "numpy", "packaging", "pandas", "pillow", "protobuf", "psutil",
          "py-cpuinfo", "pyarrow", "pyparsing", "python-dateutil", "pyyaml", "regex", "requests", "rich",
@@ -95,8 +95,9 @@ def test_bundle_installs_into_an_image_like_venv_and_runs_an_e2e_trial(tmp_path)
     assert line == f"export PYTHONPATH={target}:$PWD${{PYTHONPATH:+:$PYTHONPATH}}"
     env["PYTHONPATH"] = f"{target}:{ROOT}"
     where = subprocess.run([python, "-c", "import ray, deepspeed; print(ray.__file__, deepspeed.__file__)"],
-                           capture_output=True, text=True, env=env, check=True).stdout
-    assert where.count(str(target)) == 2
+                           capture_output=True, text=True, env=env)
+    assert where.returncode == 0, where.stderr[-4000:]
+    assert where.stdout.count(str(target)) == 2
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(json.dumps({
