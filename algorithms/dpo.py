@@ -3,7 +3,7 @@
     L_DPO = -E_(x, y_w, y_l) [ log σ( β log π(y_w|x)/π_ref(y_w|x) - β log π(y_l|x)/π_ref(y_l|x) ) ]
 
 The reference log-probs are computed once per env (shared by every pair trial), before the first
-step; chosen and rejected completions go through the policy in ONE forward pass (2B sequences). Frontier knob: `beta`
+step; chosen and rejected completions of a (micro-)batch go through the policy in ONE forward pass (2B sequences). Frontier knob: `beta`
 (smaller beta → further from the reference: more reward, more KL).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,19 +67,22 @@ class DPO:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = schedule[step]
-            b = len(idx)
-            logps = policy.sequence_logps(*enc.both(idx))  # (2B,): chosen first, rejected second
-            losses, chosen_r, rejected_r = dpo_loss(
-                logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
-            )
-            loss = losses.mean()
-            opt = ctx.optimize(loss)
+
+            def loss_of(mb: np.ndarray, idx: np.ndarray = idx) -> tuple[torch.Tensor, dict]:
+                sel, b = idx[mb], len(mb)
+                logps = policy.sequence_logps(*enc.both(sel))  # (2b,): chosen first, rejected second
+                losses, chosen_r, rejected_r = dpo_loss(
+                    logps[:b], logps[b:], ref_chosen[sel].to(logps.device), ref_rejected[sel].to(logps.device), beta
+                )
+                return losses.sum() / len(idx), {"chosen_r": chosen_r, "rejected_r": rejected_r, "chosen": logps[:b]}
+
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
             ctx.log(
                 step + 1,
                 {
-                    "losses/dpo": float(loss.detach()),
-                    **implicit_reward_metrics(chosen_r, rejected_r),
-                    "logps/chosen": float(logps[:b].detach().mean()),
+                    "losses/dpo": loss,
+                    **implicit_reward_metrics(v["chosen_r"], v["rejected_r"]),
+                    "logps/chosen": float(v["chosen"].mean()),
                     **optim_metrics(opt),
                 },
             )

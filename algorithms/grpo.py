@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS, online
@@ -94,25 +95,35 @@ class GRPO:
                 ctx.evaluate(policy, it)
             roll, score = online.scored_rollout(ctx, it, k=p.group_size, temperature=T, chunk=p.rollout_chunk,
                                                 reward=self.reward, name=self.name)  # score: (N,) raw
-            p_ids, c_ids = roll.prompt_ids, roll.completion_ids
-            advantages = grpo_advantages(score.view(-1, p.group_size)).view(-1)  # (N,)
-            with torch.no_grad():
-                ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
-            old_logps = None  # π_old: the policy that drew the samples, from the first epoch's pass
+            p_ids, c_ids, G = roll.prompt_ids, roll.completion_ids, p.group_size
+            advantages = grpo_advantages(score.view(-1, G)).view(-1)  # (N,)
+            n = len(score) // G  # prompts; a micro-batch of prompts holds their whole groups
+            # per micro-batch: π_ref, and π_old from the first epoch's pass (the policy that drew the samples)
+            old: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+            def loss_of(mb: np.ndarray, p_ids: list = p_ids, c_ids: list = c_ids, advantages: torch.Tensor = advantages,
+                        n: int = n, old: dict = old) -> tuple[torch.Tensor, dict]:
+                r = online.rows(mb, G)
+                mp, mc = [p_ids[i] for i in r], [c_ids[i] for i in r]
+                logps, mask = policy.token_logps(mp, mc, temperature=T)  # (m, T), with grad
+                if int(mb[0]) not in old:
+                    with torch.no_grad():
+                        old[int(mb[0])] = (reference.token_logps(mp, mc, temperature=T)[0], logps.detach())
+                ref_logps, old_logps = old[int(mb[0])]
+                loss, k3 = grpo_loss(logps, old_logps, ref_logps.to(logps.device), advantages[r].to(logps.device),
+                                     mask, kl_coef=p.kl_coef, cliprange=p.cliprange)
+                return loss * (len(mb) / n), {"kl": (k3 * mask).sum(-1), "length": mask.sum(-1)}
+
             for _ in range(p.epochs):
-                logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (N, T), with grad
-                old_logps = logps.detach() if old_logps is None else old_logps
-                loss, k3 = grpo_loss(logps, old_logps, ref_logps.to(logps.device), advantages.to(logps.device), mask,
-                                     kl_coef=p.kl_coef, cliprange=p.cliprange)
-                opt = ctx.optimize(loss)
-            seq_kl = (k3 * mask).sum(-1)  # (N,) nats per sequence, from the last epoch's pass
+                loss, v, opt = ctx.optimize_batch(n, loss_of)
+            seq_kl = v["kl"]  # (N,) nats per sequence, from the last epoch's pass
             require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
             ctx.log(it + 1, {
                 "objective/score": float(score.mean()),
                 "objective/kl": float(seq_kl.mean()),
-                "objective/length": float(mask.sum(-1).mean()),
-                "objective/group_score_std": float(score.view(-1, p.group_size).std(1).mean()),
-                "losses/grpo": float(loss.detach()),
+                "objective/length": float(v["length"].mean()),
+                "objective/group_score_std": float(score.view(-1, G).std(1).mean()),
+                "losses/grpo": loss,
                 **optim_metrics(opt),
             })
         ctx.evaluate(policy, ctx.train.steps, final=True)

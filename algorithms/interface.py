@@ -10,8 +10,10 @@ An algorithm is an object with these members (a Protocol: no base class, no inhe
 - `needs: frozenset[str]`: what it consumes from the env, a subset of NEEDS.
 - `trains_policy: bool`: True when `train` updates `ctx.policy` (bench then wraps it in a
   DeepSpeed engine and `ctx.optimize` steps it); False for samplers such as best-of-N.
-- `train(ctx: TrainContext) -> dict | None`: runs the algorithm. It calls `ctx.optimize(loss)` once
-  per optimizer step, `ctx.log(step, metrics)` for training curves (scalar metrics, averaged over
+- `train(ctx: TrainContext) -> dict | None`: runs the algorithm. It takes each optimizer step with
+  `ctx.optimize_batch(n, loss_of)` (the step's n items in micro-batches of
+  `train.micro_batch_size`, gradients accumulated into one step) or `ctx.optimize(loss)` (one
+  forward for the whole batch), `ctx.log(step, metrics)` for training curves (scalar metrics, averaged over
   ranks), and `ctx.evaluate(sampler, step)` at every `ctx.should_evaluate(step)` and once with
   `final=True` at the end. Every rank makes the same calls in the same order (they synchronise the
   ranks). It returns an optional dict of summary metrics for the trial row. A trial restarted from
@@ -81,6 +83,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables
     eval_every: int = 50  # evaluate at T = 1 every this many steps (and always at the end)
+    # items (pairs, or prompts with their samples) per forward on each rank; 0: the whole per-rank
+    # batch in one. The micro-batches' gradients accumulate into the same optimizer step.
+    micro_batch_size: int = 0
 
     def __post_init__(self) -> None:
         check(isinstance(self.steps, int) and self.steps >= 1, "steps", "must be an integer >= 1")
@@ -90,6 +95,8 @@ class TrainSettings:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         check(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "must be an integer >= 1")
+        check(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0, "micro_batch_size",
+              "must be an integer >= 0 (0: the whole per-rank batch in one forward)")
 
 
 @dataclass
@@ -120,7 +127,9 @@ class TrainContext:
     params: Any  # the algorithm's params_cls instance
     train: TrainSettings
     data: EnvData
-    optimize: Callable[[torch.Tensor], dict]  # backward + clip + step + lr schedule; returns {"lr", "grad_norm"}
+    # optimize(loss, accumulate=False): backward + clip + step + lr schedule, returns {"lr", "grad_norm"};
+    # with accumulate=True backward only (the gradient adds to the step's), returns {}
+    optimize: Callable[..., dict]
     evaluate: Callable[..., dict]  # evaluate(sampler, step, *, final=False) -> metrics at T = 1
     log: Callable[[int, dict], None] = lambda step, metrics: None
     gold: Callable[[list[str], list[str]], np.ndarray] | None = None  # only for needs={"gold"}
@@ -143,6 +152,32 @@ class TrainContext:
 
     def should_evaluate(self, step: int) -> bool:
         return step % self.train.eval_every == 0 and step < self.train.steps
+
+    def micro_batches(self, n: int) -> list[np.ndarray]:
+        """Positions 0..n-1 of this rank's batch, in consecutive micro-batches of
+        `train.micro_batch_size` (one micro-batch when it is 0 or >= n)."""
+        size = self.train.micro_batch_size or n
+        return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def optimize_batch(self, n: int, loss_of: Callable[[np.ndarray], tuple[torch.Tensor, dict]]
+                       ) -> tuple[float, dict[str, torch.Tensor], dict]:
+        """One optimizer step over this rank's `n` items, a forward and backward per micro-batch.
+
+        `loss_of(positions)` runs the forward of those items and returns (part, values): `part` is
+        their share of the batch's loss (the parts of all micro-batches sum to the loss of the whole
+        batch: a mean over items is `losses.sum() / n`, a token mean divides by the batch's token
+        count), `values` per-item (or per-row) tensors for the training log. Returns (the batch's
+        loss, each value concatenated over the micro-batches in position order, what the step's
+        `optimize` returned). With micro_batch_size 0 it is one forward and `optimize(loss)`."""
+        batches = self.micro_batches(n)
+        loss, values, opt = 0.0, {}, {}
+        for j, positions in enumerate(batches):
+            part, vals = loss_of(positions)
+            opt = self.optimize(part, accumulate=j < len(batches) - 1)
+            loss += float(part.detach())
+            for key, value in vals.items():
+                values.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
+        return loss, {k: torch.cat(v) if isinstance(v[0], torch.Tensor) else v for k, v in values.items()}, opt
 
     def batch_indices(self, step: int, n_items: int) -> np.ndarray:
         """This rank's slice of the global batch at `step` over a dataset of `n_items`.
@@ -232,15 +267,18 @@ def plain_optimizer(*trainables: Any, train: TrainSettings) -> Callable[[torch.T
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(train.warmup_steps))
 
-    def optimize(loss: torch.Tensor) -> dict:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    def optimize(loss: torch.Tensor, accumulate: bool = False) -> dict:
+        loss.backward()  # adds to the gradients of the step's earlier micro-batches
+        if accumulate:
+            return {}
         norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or float("inf"))
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
+        opt.zero_grad(set_to_none=True)
         return {"lr": lr, "grad_norm": float(norm)}
 
+    opt.zero_grad(set_to_none=True)
     return optimize
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
@@ -81,22 +82,26 @@ class IPO:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = schedule[step]
-            b = len(idx)
-            token_logps, mask = policy.token_logps(*enc.both(idx))  # (2B, T): chosen first, rejected second
-            seq_logps = (token_logps * mask).sum(-1)  # (2B,) nats per sequence
-            logps = seq_logps / mask.sum(-1) if params.average_logps else seq_logps  # (2B,)
-            losses, chosen_r, rejected_r = ipo_loss(
-                logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
-            )
-            loss = losses.mean()
-            opt = ctx.optimize(loss)
+
+            def loss_of(mb: np.ndarray, idx: np.ndarray = idx) -> tuple[torch.Tensor, dict]:
+                sel, b = idx[mb], len(mb)
+                token_logps, mask = policy.token_logps(*enc.both(sel))  # (2b, T): chosen first, rejected second
+                seq_logps = (token_logps * mask).sum(-1)  # (2b,) nats per sequence
+                logps = seq_logps / mask.sum(-1) if params.average_logps else seq_logps  # (2b,)
+                losses, chosen_r, rejected_r = ipo_loss(
+                    logps[:b], logps[b:], ref_chosen[sel].to(logps.device), ref_rejected[sel].to(logps.device), beta
+                )
+                return losses.sum() / len(idx), {"chosen_r": chosen_r, "rejected_r": rejected_r,
+                                                 "chosen": seq_logps[:b]}
+
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
             ctx.log(
                 step + 1,
                 {
-                    "losses/ipo": float(loss.detach()),
-                    **implicit_reward_metrics(chosen_r, rejected_r),
-                    "logratios/margin": float((chosen_r - rejected_r).mean()) / beta,  # h; target 1/(2β)
-                    "logps/chosen": float(seq_logps[:b].detach().mean()),  # nats per sequence
+                    "losses/ipo": loss,
+                    **implicit_reward_metrics(v["chosen_r"], v["rejected_r"]),
+                    "logratios/margin": float((v["chosen_r"] - v["rejected_r"]).mean()) / beta,  # h; target 1/(2β)
+                    "logps/chosen": float(v["chosen"].mean()),  # nats per sequence
                     **optim_metrics(opt),
                 },
             )

@@ -17,6 +17,8 @@ from the current policy inside `train`, the score of a sample, and the reference
 - `scored_rollout`: the two together for iteration `it` (this rank's prompts of the global batch);
   `normaliser`: (μ_ref, σ_ref), or (0, 1) when an algorithm's `reward_norm` is off.
 - `clipped_surrogate`: the per-token clipped policy-gradient term of PPO-style objectives.
+- `rows` / `no_grad_passes`: a micro-batch's rows (a prompt's k samples together) and a
+  no-grad pass over a rollout in micro-batches (`train.micro_batch_size`), padded to one width.
 
 Tokenisation of fresh samples is the policy's own (`Rollout.prompt_ids` / `completion_ids` are the
 sampled ids, with EOS exactly where the sample stopped), so scoring them by teacher forcing
@@ -24,6 +26,8 @@ sampled ids, with EOS exactly where the sample stopped), so scoring them by teac
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -132,6 +136,28 @@ def check_rollout_params(params) -> None:
     if hasattr(params, "reward_norm_samples"):
         check(isinstance(params.reward_norm_samples, int) and params.reward_norm_samples >= 2, "reward_norm_samples",
               "must be an integer >= 2")
+
+
+def rows(positions: np.ndarray, k: int) -> np.ndarray:
+    """The rollout rows of the prompts at `positions` (prompt-major: prompt j's k samples are rows
+    j·k … j·k + k − 1), so that a micro-batch of prompts carries all their samples."""
+    return (positions[:, None] * k + np.arange(k)).reshape(-1)
+
+
+@torch.no_grad()
+def no_grad_passes(ctx: TrainContext, forward: Callable[[list, list], tuple[torch.Tensor, torch.Tensor]],
+                   p_ids: list, c_ids: list, *, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward(prompt_ids, completion_ids) -> (x, mask)` (e.g. `policy.token_logps`,
+    `critic.token_values`) of a rollout (N = prompts · k rows) without grad, one pass per
+    micro-batch of prompts (`ctx.micro_batches`), padded with zeros to the longest completion:
+    (x, mask), both (N, T) as one pass would give them."""
+    parts = []
+    for positions in ctx.micro_batches(len(p_ids) // k):
+        r = rows(positions, k)
+        parts.append(forward([p_ids[i] for i in r], [c_ids[i] for i in r]))
+    width = max(lp.shape[1] for lp, _ in parts)
+    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
+    return torch.cat([pad(lp) for lp, _ in parts]), torch.cat([pad(m) for _, m in parts])
 
 
 def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS, online
@@ -73,25 +74,30 @@ class OnlineDPO:
             roll, score = online.scored_rollout(ctx, step, k=2, temperature=p.rollout_temperature,
                                                 chunk=p.rollout_chunk, reward=self.reward, name=self.name)  # (2B,) raw
             chosen, rejected = rank_pairs(score.view(-1, 2))  # (B,), (B,)
-            order = torch.cat([chosen, rejected]).tolist()  # chosen first, then rejected: one forward
-            p_ids = [roll.prompt_ids[i] for i in order]
-            c_ids = [roll.completion_ids[i] for i in order]
-            b = len(chosen)
-            with torch.no_grad():
-                ref = reference.sequence_logps(p_ids, c_ids)  # (2B,) nats per sequence
-            token_logps, mask = policy.token_logps(p_ids, c_ids)  # (2B, T), with grad
-            logps = (token_logps * mask).sum(-1)
-            ref = ref.to(logps.device)
-            losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], p.beta)
-            loss = losses.mean()
-            opt = ctx.optimize(loss)
+
+            def loss_of(mb: np.ndarray, chosen: torch.Tensor = chosen, rejected: torch.Tensor = rejected,
+                        roll=roll) -> tuple[torch.Tensor, dict]:
+                order = torch.cat([chosen[mb], rejected[mb]]).tolist()  # chosen first, then rejected: one forward
+                p_ids = [roll.prompt_ids[i] for i in order]
+                c_ids = [roll.completion_ids[i] for i in order]
+                b = len(mb)
+                with torch.no_grad():
+                    ref = reference.sequence_logps(p_ids, c_ids)  # (2b,) nats per sequence
+                token_logps, mask = policy.token_logps(p_ids, c_ids)  # (2b, T), with grad
+                logps = (token_logps * mask).sum(-1)
+                ref = ref.to(logps.device)
+                losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], p.beta)
+                return losses.sum() / len(chosen), {"chosen_r": chosen_r, "rejected_r": rejected_r,
+                                                    "kl": logps - ref, "length": mask.sum(-1)}
+
+            loss, v, opt = ctx.optimize_batch(len(chosen), loss_of)
             ctx.log(step + 1, {
-                "losses/dpo": float(loss.detach()),
-                **implicit_reward_metrics(chosen_r, rejected_r),
+                "losses/dpo": loss,
+                **implicit_reward_metrics(v["chosen_r"], v["rejected_r"]),
                 "objective/score": float(score.mean()),
                 "objective/score_gap": float((score[chosen] - score[rejected]).mean()),  # chosen − rejected, raw
-                "objective/kl": float((logps.detach() - ref).mean()),  # log π − log π_ref of the samples, nats
-                "objective/length": float(mask.sum(-1).mean()),
+                "objective/kl": float(v["kl"].mean()),  # log π − log π_ref of the samples, nats
+                "objective/length": float(v["length"].mean()),
                 **optim_metrics(opt),
             })
         ctx.evaluate(policy, ctx.train.steps, final=True)

@@ -250,6 +250,9 @@ class PPO:
             values, _ = critic.token_values(p_ids, c_ids)  # (B, T), the critic's own units
             return (values - critic_shift) / critic_scale
 
+        def logps_of(model) -> Callable[[list, list], tuple[torch.Tensor, torch.Tensor]]:
+            return lambda pi, ci: model.token_logps(pi, ci, temperature=T)
+
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
                 ctx.evaluate(policy, it)
@@ -259,11 +262,12 @@ class PPO:
                                                 reward=self.reward, name=self.name)  # score: (B,) raw
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
             score_n = (score - shift) / scale  # (B,) ŝ, what the policy is rewarded with
-            with torch.no_grad():
-                old_logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (B, T)
-                ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
+            with torch.no_grad():  # in micro-batches of train.micro_batch_size prompts
+                old_logps, mask = online.no_grad_passes(ctx, logps_of(policy), p_ids, c_ids, k=1)  # (B, T)
+                ref_logps, _ = online.no_grad_passes(ctx, logps_of(reference), p_ids, c_ids, k=1)
                 ref_logps = ref_logps.to(old_logps.device)
-                old_values = values_of(p_ids, c_ids).to(old_logps.device)
+                old_values, _ = online.no_grad_passes(ctx, lambda pi, ci: (values_of(pi, ci),) * 2, p_ids, c_ids, k=1)
+                old_values = old_values.to(old_logps.device)
                 kl_tokens = kl_penalty(old_logps, ref_logps, p.kl_estimator) * mask  # (B, T)
                 seq_kl = kl_tokens.sum(-1)  # (B,) nats per sequence
                 require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
@@ -287,25 +291,40 @@ class PPO:
                 for mb in np.array_split(order, p.num_minibatches):
                     if len(mb) == 0:
                         continue
-                    mb_p, mb_c = [p_ids[i] for i in mb], [c_ids[i] for i in mb]
-                    logps, mb_mask = policy.token_logps(mb_p, mb_c, temperature=T)
-                    tokens = ctx.mean_over_ranks({"n": float(mb_mask.sum())})["n"]  # global tokens / W
-                    values = values_of(mb_p, mb_c)
-                    sel = torch.as_tensor(mb, device=logps.device)
-                    width = logps.shape[1]
-                    losses = ppo_losses(
-                        logps, old_logps[sel, :width], advantages[sel, :width], values.to(logps.device),
-                        old_values[sel, :width], returns[sel, :width], mb_mask,
-                        cliprange=p.cliprange, cliprange_value=p.cliprange_value, aggregation=p.loss_aggregation,
-                        tokens=tokens,
-                    )
-                    loss = losses["policy"] + p.vf_coef * losses["value"]
-                    if p.kl_placement == "loss":
-                        kl_now = kl_penalty(logps, ref_logps[sel, :width], p.kl_estimator)
-                        loss = loss + kl_coef * masked_mean(kl_now, mb_mask, p.loss_aggregation, tokens)
-                    opt = ctx.optimize(loss)
-                    for key, value in losses.items():
-                        stats.setdefault(key, []).append(float(value.detach()))
+                    # the minibatch's real tokens (global / W): the token-mean divisor of every micro-batch
+                    tokens = ctx.mean_over_ranks({"n": float(sum(len(c_ids[i]) for i in mb))})["n"]
+
+                    def loss_of(pos: np.ndarray, mb: np.ndarray = mb, tokens: float = tokens,
+                                kl_coef: float = kl_coef) -> tuple[torch.Tensor, dict]:
+                        rows = mb[pos]  # this micro-batch of the minibatch
+                        mb_p, mb_c = [p_ids[i] for i in rows], [c_ids[i] for i in rows]
+                        logps, mb_mask = policy.token_logps(mb_p, mb_c, temperature=T)
+                        values = values_of(mb_p, mb_c)
+                        sel = torch.as_tensor(rows, device=logps.device)
+                        width = logps.shape[1]
+                        # a sequence mean is over the minibatch's sequences: this micro-batch's share
+                        share = len(rows) / len(mb) if p.loss_aggregation == "sequence_mean" else 1.0
+                        losses = ppo_losses(
+                            logps, old_logps[sel, :width], advantages[sel, :width], values.to(logps.device),
+                            old_values[sel, :width], returns[sel, :width], mb_mask,
+                            cliprange=p.cliprange, cliprange_value=p.cliprange_value, aggregation=p.loss_aggregation,
+                            tokens=tokens,
+                        )
+                        part = (losses["policy"] + p.vf_coef * losses["value"]) * share
+                        if p.kl_placement == "loss":
+                            kl_now = kl_penalty(logps, ref_logps[sel, :width], p.kl_estimator)
+                            part = part + kl_coef * masked_mean(kl_now, mb_mask, p.loss_aggregation, tokens) * share
+                        n_tok = mb_mask.sum().view(1)  # clipfrac and approx_kl: token means over the minibatch
+                        return part, {"policy": (losses["policy"] * share).view(1),
+                                      "value": (losses["value"] * share).view(1),
+                                      "clipfrac": losses["clipfrac"] * n_tok, "approx_kl": losses["approx_kl"] * n_tok,
+                                      "tokens": n_tok}
+
+                    _, v, opt = ctx.optimize_batch(len(mb), loss_of)
+                    stats.setdefault("policy", []).append(float(v["policy"].sum()))
+                    stats.setdefault("value", []).append(float(v["value"].sum()))
+                    for key in ("clipfrac", "approx_kl"):
+                        stats.setdefault(key, []).append(float(v[key].sum() / v["tokens"].sum().clamp(min=1)))
                     stats.setdefault("grad_norm", []).append(opt.get("grad_norm", float("nan")))
                     stats.setdefault("lr", []).append(opt.get("lr", float("nan")))
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import torch
 
 from algorithms import ALGORITHMS
 from algorithms.interface import TrainContext
@@ -53,16 +55,19 @@ class PreferredFT:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = ctx.batch_indices(step, len(examples))
-            token_logps, mask = policy.token_logps(
-                [prompt_ids[i] for i in idx], [chosen_ids[i] for i in idx]
-            )  # (B, T)
-            loss = sft_loss(token_logps, mask)
-            opt = ctx.optimize(loss)
+            tokens = sum(len(chosen_ids[i]) for i in idx)  # the batch's target tokens: sft_loss's divisor
+
+            def loss_of(mb: np.ndarray, idx: np.ndarray = idx, tokens: int = tokens) -> tuple[torch.Tensor, dict]:
+                sel = idx[mb]
+                token_logps, mask = policy.token_logps([prompt_ids[i] for i in sel], [chosen_ids[i] for i in sel])
+                return sft_loss(token_logps, mask, tokens=tokens), {"chosen": (token_logps * mask).sum(-1)}
+
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
             ctx.log(
                 step + 1,
                 {
-                    "losses/preferred_ft": float(loss.detach()),
-                    "logps/chosen": float((token_logps * mask).sum(-1).detach().mean()),  # nats per sequence
+                    "losses/preferred_ft": loss,
+                    "logps/chosen": float(v["chosen"].mean()),  # nats per sequence
                     **optim_metrics(opt),
                 },
             )

@@ -21,8 +21,10 @@ batch's token count, so W workers reproduce 1 worker's losses.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS, online
@@ -80,6 +82,7 @@ class ReinforcePP:
         online.train_prompts(ctx, self.name)
         shift, scale = online.normaliser(ctx, self.reward, enabled=p.reward_norm, samples=p.reward_norm_samples,
                                          temperature=T, name=self.name)
+        scored = lambda model: functools.partial(model.token_logps, temperature=T)  # noqa: E731
         policy.model.train()
         for it in range(ctx.start_step, ctx.train.steps):
             if ctx.should_evaluate(it):
@@ -88,28 +91,39 @@ class ReinforcePP:
                                                 reward=self.reward, name=self.name)  # score: (N,) raw
             p_ids, c_ids = roll.prompt_ids, roll.completion_ids
             score_n = (score - shift) / scale
-            logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (N, T), with grad: the first epoch's
-            old_logps = logps.detach()  # π_old: the policy that drew the samples
+            n = len(score) // p.k  # prompts
+            whole = len(ctx.micro_batches(n)) == 1  # one forward: its pass is π_old and the first epoch's
+            if whole:
+                logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (N, T), with grad
+                old_logps = logps.detach()  # π_old: the policy that drew the samples
+            else:  # advantages are whitened over the whole batch: π_old of every sample first, no grad
+                old_logps, mask = online.no_grad_passes(ctx, scored(policy), p_ids, c_ids, k=p.k)
             with torch.no_grad():
-                ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
+                ref_logps, _ = online.no_grad_passes(ctx, scored(reference), p_ids, c_ids, k=p.k)
                 kl_tokens = (old_logps - ref_logps.to(old_logps.device)) * mask  # (N, T) k1
                 seq_kl = kl_tokens.sum(-1)
                 require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
                 advantages = reinforce_pp_advantages(score_n, kl_tokens, mask, p.kl_coef, ctx.mean_over_ranks)
             tokens = ctx.mean_over_ranks({"n": float(mask.sum())})["n"]  # global tokens / W: the token-mean divisor
             for epoch in range(p.epochs):
-                if epoch > 0:
-                    logps, _ = policy.token_logps(p_ids, c_ids, temperature=T)
-                loss = masked_mean(online.clipped_surrogate(logps, old_logps, advantages, p.cliprange), mask,
-                                   "token_mean", tokens)
-                opt = ctx.optimize(loss)
+                def loss_of(mb: np.ndarray, first: bool = whole and epoch == 0, p_ids: list = p_ids, c_ids: list = c_ids,
+                            old_logps: torch.Tensor = old_logps, advantages: torch.Tensor = advantages,
+                            mask: torch.Tensor = mask, tokens: float = tokens) -> tuple[torch.Tensor, dict]:
+                    r = online.rows(mb, p.k)
+                    lp = logps if first else policy.token_logps([p_ids[i] for i in r], [c_ids[i] for i in r],
+                                                                temperature=T)[0]
+                    w = lp.shape[1]
+                    surrogate = online.clipped_surrogate(lp, old_logps[r, :w], advantages[r, :w], p.cliprange)
+                    return masked_mean(surrogate, mask[r, :w], "token_mean", tokens), {}
+
+                loss, _, opt = ctx.optimize_batch(n, loss_of)
             ctx.log(it + 1, {
                 "objective/score": float(score.mean()),
                 "objective/score_normalized": float(score_n.mean()),
                 "objective/kl": float(seq_kl.mean()),
                 "objective/reward": float(score_n.mean()) - p.kl_coef * float(seq_kl.mean()),
                 "objective/length": float(mask.sum(-1).mean()),
-                "losses/policy": float(loss.detach()),
+                "losses/policy": loss,
                 **optim_metrics(opt),
             })
         ctx.evaluate(policy, ctx.train.steps, final=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS, online
@@ -80,23 +81,31 @@ class RLOO:
             roll, score = online.scored_rollout(ctx, it, k=p.k, temperature=T, chunk=p.rollout_chunk,
                                                 reward=self.reward, name=self.name)  # score: (N,) raw
             score_n = (score - shift) / scale  # (N,) ŝ
-            logps, mask = policy.token_logps(roll.prompt_ids, roll.completion_ids, temperature=T)  # (N, T), with grad
-            with torch.no_grad():
-                ref_logps, _ = reference.token_logps(roll.prompt_ids, roll.completion_ids, temperature=T)
-                seq_kl = ((logps.detach() - ref_logps.to(logps.device)) * mask).sum(-1)  # (N,) k1, nats per sequence
-                require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
-                rewards = score_n.to(seq_kl.device) - p.kl_coef * seq_kl  # (N,)
-                advantages = rloo_advantages(rewards.view(-1, p.k)).view(-1)  # (N,)
-            loss = rloo_loss((logps * mask).sum(-1), advantages)
-            opt = ctx.optimize(loss)
+            n = len(score) // p.k  # prompts; a micro-batch of prompts holds all their k samples
+
+            def loss_of(mb: np.ndarray, roll=roll, score_n: torch.Tensor = score_n, n: int = n,
+                        it: int = it) -> tuple[torch.Tensor, dict]:
+                r = online.rows(mb, p.k)
+                p_ids, c_ids = [roll.prompt_ids[i] for i in r], [roll.completion_ids[i] for i in r]
+                logps, mask = policy.token_logps(p_ids, c_ids, temperature=T)  # (m, T), with grad
+                with torch.no_grad():
+                    ref_logps, _ = reference.token_logps(p_ids, c_ids, temperature=T)
+                    seq_kl = ((logps.detach() - ref_logps.to(logps.device)) * mask).sum(-1)  # (m,) k1, nats per sequence
+                    require_finite(f"{self.name}: the KL of iteration {it + 1}'s rollouts", seq_kl)
+                    rewards = score_n[r].to(seq_kl.device) - p.kl_coef * seq_kl  # (m,)
+                    advantages = rloo_advantages(rewards.view(-1, p.k)).view(-1)  # (m,)
+                part = rloo_loss((logps * mask).sum(-1), advantages) * (len(mb) / n)  # its share of the mean
+                return part, {"kl": seq_kl, "reward": rewards, "advantage": advantages, "length": mask.sum(-1)}
+
+            loss, v, opt = ctx.optimize_batch(n, loss_of)
             ctx.log(it + 1, {
                 "objective/score": float(score.mean()),
                 "objective/score_normalized": float(score_n.mean()),
-                "objective/kl": float(seq_kl.mean()),
-                "objective/reward": float(rewards.mean()),  # what RLOO maximises: ŝ − kl_coef · KL
-                "objective/length": float(mask.sum(-1).mean()),
-                "losses/rloo": float(loss.detach()),
-                "policy/advantage_std": float(advantages.std()),
+                "objective/kl": float(v["kl"].mean()),
+                "objective/reward": float(v["reward"].mean()),  # what RLOO maximises: ŝ − kl_coef · KL
+                "objective/length": float(v["length"].mean()),
+                "losses/rloo": loss,
+                "policy/advantage_std": float(v["advantage"].std()),
                 **optim_metrics(opt),
             })
         ctx.evaluate(policy, ctx.train.steps, final=True)

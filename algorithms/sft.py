@@ -19,9 +19,10 @@ from algorithms.interface import TrainContext, TrainSettings, rank_batch
 from algorithms.policy import Policy
 
 
-def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood per target token; both (B, T), mask 1 on real tokens."""
-    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per target token; both (B, T), mask 1 on real tokens. `tokens`
+    replaces the count of these tokens as the divisor (a micro-batch's part of its batch's mean)."""
+    return -(token_logps * mask).sum() / (tokens if tokens is not None else mask.sum().clamp(min=1))
 
 
 def lm_finetune(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,20 +77,24 @@ class SimPO:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = schedule[step]
-            b = len(idx)
-            token_logps, mask = policy.token_logps(*enc.both(idx))  # (2B, T): chosen first, rejected second
-            seq_logps = (token_logps * mask).sum(-1)  # (2B,) nats per sequence
-            avg_logps = seq_logps / mask.sum(-1)  # (2B,) nats per token
-            losses, chosen_r, rejected_r = simpo_loss(avg_logps[:b], avg_logps[b:], params.beta, params.gamma)
-            loss = losses.mean()
-            opt = ctx.optimize(loss)
+
+            def loss_of(mb: np.ndarray, idx: np.ndarray = idx) -> tuple[torch.Tensor, dict]:
+                b = len(mb)
+                token_logps, mask = policy.token_logps(*enc.both(idx[mb]))  # (2b, T): chosen first, rejected second
+                seq_logps = (token_logps * mask).sum(-1)  # (2b,) nats per sequence
+                avg_logps = seq_logps / mask.sum(-1)  # (2b,) nats per token
+                losses, chosen_r, rejected_r = simpo_loss(avg_logps[:b], avg_logps[b:], params.beta, params.gamma)
+                return losses.sum() / len(idx), {"chosen_r": chosen_r, "rejected_r": rejected_r,
+                                                 "chosen": seq_logps[:b], "rejected": seq_logps[b:]}
+
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
             ctx.log(
                 step + 1,
                 {
-                    "losses/simpo": float(loss.detach()),
-                    **implicit_reward_metrics(chosen_r, rejected_r),
-                    "logps/chosen": float(seq_logps[:b].detach().mean()),  # nats per sequence
-                    "logps/rejected": float(seq_logps[b:].detach().mean()),
+                    "losses/simpo": loss,
+                    **implicit_reward_metrics(v["chosen_r"], v["rejected_r"]),
+                    "logps/chosen": float(v["chosen"].mean()),  # nats per sequence
+                    "logps/rejected": float(v["rejected"].mean()),
                     **optim_metrics(opt),
                 },
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from algorithms import ALGORITHMS
@@ -83,22 +84,26 @@ class Unlikelihood:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = ctx.batch_indices(step, len(enc))
-            b = len(idx)
-            token_logps, mask = policy.token_logps(*enc.both(idx))  # (2B, T): chosen first, rejected second
-            losses, nll_chosen, ul_rejected = unlikelihood_loss(
-                token_logps[:b], mask[:b], token_logps[b:], mask[b:], alpha
-            )
-            loss = losses.mean()
-            opt = ctx.optimize(loss)
-            seq_logps = (token_logps * mask).sum(-1).detach()  # (2B,) nats per sequence
+
+            def loss_of(mb: np.ndarray, idx: np.ndarray = idx) -> tuple[torch.Tensor, dict]:
+                b = len(mb)
+                token_logps, mask = policy.token_logps(*enc.both(idx[mb]))  # (2b, T): chosen first, rejected second
+                losses, nll_chosen, ul_rejected = unlikelihood_loss(
+                    token_logps[:b], mask[:b], token_logps[b:], mask[b:], alpha
+                )
+                seq_logps = (token_logps * mask).sum(-1)  # (2b,) nats per sequence
+                return losses.sum() / len(idx), {"nll": nll_chosen, "ul": ul_rejected, "chosen": seq_logps[:b],
+                                                 "rejected": seq_logps[b:]}
+
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
             ctx.log(
                 step + 1,
                 {
-                    "losses/unlikelihood": float(loss.detach()),
-                    "losses/nll_chosen": float(nll_chosen.detach().mean()),
-                    "losses/ul_rejected": float(ul_rejected.detach().mean()),
-                    "logps/chosen": float(seq_logps[:b].mean()),
-                    "logps/rejected": float(seq_logps[b:].mean()),
+                    "losses/unlikelihood": loss,
+                    "losses/nll_chosen": float(v["nll"].mean()),
+                    "losses/ul_rejected": float(v["ul"].mean()),
+                    "logps/chosen": float(v["chosen"].mean()),
+                    "logps/rejected": float(v["rejected"].mean()),
                     **optim_metrics(opt),
                 },
             )

@@ -1,12 +1,14 @@
 """Run as a script by test_deepspeed.py: DPO steps through DeepSpeed vs plain PyTorch, as JSON.
 
 A separate process because DeepSpeed allows one initialisation per process.
-Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE [offload_optimizer] [offload_param] [autocast]
-(autocast: both sides under algorithms.policy.set_autocast(bf16), DeepSpeed with `torch_autocast`)
+Usage: python ds_parity.py INIT_POLICY_DIR ZERO_STAGE [offload_optimizer] [offload_param] [autocast] [micro]
+(autocast: both sides under algorithms.policy.set_autocast(bf16), DeepSpeed with `torch_autocast`;
+micro: the DeepSpeed side takes each step in micro-batches of one pair, gradients accumulated)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -43,8 +45,10 @@ def main(init_dir: str, zero_stage: int, flags: list[str]) -> None:
     set_autocast(torch.bfloat16 if "autocast" in flags else None)  # as worker_setup does
     plain = Policy.from_pretrained(init_dir)
     plain_logs = dpo_logs(plain, plain.frozen_copy(), plain_optimizer(plain, train=train), train)
+    if "micro" in flags:
+        train = dataclasses.replace(train, micro_batch_size=1)
     ds = Policy.from_pretrained(init_dir)
-    settings = DeepSpeedSettings(zero_stage=zero_stage, **{name: True for name in flags})
+    settings = DeepSpeedSettings(zero_stage=zero_stage, **{name: True for name in flags if name != "micro"})
     reference = ds.frozen_copy()  # before wrapping: a copy of a ZeRO-3 module would carry its hooks, not its shards
     optimize = wrap_with_deepspeed(ds, train, settings, 1)
     dtypes: set[str] = set()  # what the vocabulary projection computed in, in DeepSpeed's training forwards

@@ -15,6 +15,9 @@ import pytest
 @pytest.mark.parametrize("zero_stage, flags", [
     (0, []), (1, []), (2, ["offload_optimizer"]), (3, []), (3, ["offload_optimizer", "offload_param"]),
     (0, ["autocast"]),  # bf16 autocast over fp32 weights: DeepSpeed's torch_autocast = torch.autocast in plain PyTorch
+    # train.micro_batch_size 1 on the DeepSpeed side (4 micro-batches a step, DeepSpeed's accumulation
+    # with the boundary set by `optimize`) against whole batches in plain PyTorch
+    (0, ["micro"]), (2, ["micro"]), (3, ["micro"]),
 ])
 def test_deepspeed_zero_stages_match_plain_torch(tiny_env_dir, zero_stage, flags, tmp_path):
     # one rank: whatever ZeRO shards or offloads, the optimisation is plain AdamW + warm-up + clipping

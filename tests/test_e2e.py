@@ -178,13 +178,15 @@ def test_two_workers_with_zero_train_like_one_worker(run_dir, tmp_path, zero_sta
     # same env (cached), same global batches: rank-sharded data + ZeRO-2/3 gives the 1-worker ZeRO-0
     # losses. The on-policy methods sample their rollouts in chunks seeded by global position (from
     # the gathered policy under ZeRO-3), score them with the cached reward model, and take their
-    # means over the global batch: the 1-worker algorithm, loss for loss
+    # means over the global batch: the 1-worker algorithm, loss for loss. Each rank also takes every
+    # step in micro-batches of 3 of its 8 items (3 + 3 + 2, DeepSpeed accumulating across them)
     _, _, cache = run_dir
     out = tmp_path / "out2"
     trials = TWO_WORKER_TRIALS[zero_stage]
     algorithms = "algorithms=[" + ", ".join(entry for entry, _ in trials.values()) + "]"
     proc = run_cli(out, [algorithms, "baseline=false", "scaling.num_workers=2",
-                         "scaling.max_concurrent_trials=1", f"deepspeed.zero_stage={zero_stage}"], cache=cache, timeout=1500)
+                         "scaling.max_concurrent_trials=1", f"deepspeed.zero_stage={zero_stage}",
+                         "train.micro_batch_size=3"], cache=cache, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "cached at" in proc.stderr
     assert "Bradley-Terry" not in proc.stderr  # the reward model came from the cache

@@ -69,7 +69,8 @@ def single_process_dist_env() -> None:
 
 
 def deepspeed_config(train: TrainSettings, ds: DeepSpeedSettings, world_size: int) -> dict:
-    """The DeepSpeed config of a stage: one micro-batch per rank per step, no accumulation."""
+    """The DeepSpeed config of a stage. Its batch sizes are the step's (DeepSpeed checks them); a step
+    taken in micro-batches sets the accumulation boundary itself (`optimize(loss, accumulate=...)`)."""
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -198,14 +199,20 @@ def wrap_with_deepspeed(
     max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")  # inf: the norm only
     calls = 0
 
-    def optimize(loss: torch.Tensor) -> dict:
+    def optimize(loss: torch.Tensor, accumulate: bool = False) -> dict:
         nonlocal calls
-        calls += 1
         # a NaN/inf loss would step NaN into every weight: stop here, before backward (a local check:
         # with several ranks the raising rank ends its worker and Ray Train stops the group)
-        require_finite(f"the loss at optimizer step {calls}", loss.detach())
+        require_finite(f"the loss at optimizer step {calls + 1}", loss.detach())
+        # micro-batches: DeepSpeed's own accumulation, the boundary set by the caller (the gradients of
+        # a step's micro-batches accumulate, are reduced over ranks at its last one and stepped once);
+        # the parts' losses already sum to the batch loss, so DeepSpeed does not scale them
+        engine.set_gradient_accumulation_boundary(not accumulate)
+        engine.backward(loss, scale_wrt_gas=False)
+        if accumulate:
+            return {}
+        calls += 1
         lr = engine.get_lr()[0]
-        engine.backward(loss)
         norm = None
         if self_clip:  # the norm before clipping, as DeepSpeed reports it for ZeRO >= 1
             grads = [p for p in params if p.grad is not None]

@@ -164,7 +164,7 @@ class Trial:
         self.stepped = False  # until the first optimizer step the policy is the reference, weight for weight
         self.n_steps = 0  # optimizer steps (= trial steps for the pair methods)
         self.resume: dict | None = None
-        self.engine_step: Callable[[torch.Tensor], dict] | None = None  # wrap_with_deepspeed's optimize
+        self.engine_step: Callable[..., dict] | None = None  # wrap_with_deepspeed's optimize
         self.ctx: TrainContext | None = None
         self.queries = QueryCount()
 
@@ -251,13 +251,14 @@ class Trial:
         )
 
     # ------------------------------------------------------------------ what the algorithm calls
-    def optimize(self, loss: torch.Tensor) -> dict:
-        """`ctx.optimize`: one step of the trial's DeepSpeed engine."""
+    def optimize(self, loss: torch.Tensor, accumulate: bool = False) -> dict:
+        """`ctx.optimize`: one step of the trial's DeepSpeed engine (accumulate: one micro-batch's backward)."""
         self.stepped = True
-        self.n_steps += 1
-        if self.rank == 0 and step_fault(self.spec.trial_id, self.n_steps) == "nan":
+        if self.rank == 0 and step_fault(self.spec.trial_id, self.n_steps + 1) == "nan":
             loss = loss * float("nan")
-        return self.engine_step(loss)
+        if not accumulate:
+            self.n_steps += 1
+        return self.engine_step(loss, accumulate=accumulate)
 
     def log(self, step: int, metrics: dict) -> None:
         """`ctx.log`: training metrics, averaged over ranks (a W-worker log reads like a 1-worker log);
@@ -393,5 +394,5 @@ def algorithm_cache(env_dir: Path, scope: dict, rank: int, world: int) -> Callab
     return cache
 
 
-def _no_optimizer(loss: torch.Tensor) -> dict:
+def _no_optimizer(loss: torch.Tensor, accumulate: bool = False) -> dict:
     raise RuntimeError("this algorithm declared trains_policy=False but called ctx.optimize")

@@ -57,16 +57,22 @@ class SLiC:
             if ctx.should_evaluate(step):
                 ctx.evaluate(policy, step)
             idx = ctx.batch_indices(step, len(enc))  # this rank's share of the global batch
-            b = len(idx)
-            logps = policy.sequence_logps(*enc.both(idx))  # (2B,): chosen first, then rejected
-            losses, calibration = slic_loss(logps[:b], logps[b:], params.delta, params.reg_weight)
-            opt = ctx.optimize(losses.mean())  # backward, clip, step, schedule (DeepSpeed in bench)
-            hinge_active = float((calibration > 0).float().mean())
+
+            def loss_of(mb, idx=idx):  # positions in idx of one micro-batch (train.micro_batch_size)
+                b = len(mb)
+                logps = policy.sequence_logps(*enc.both(idx[mb]))  # (2b,): chosen first, then rejected
+                losses, calibration = slic_loss(logps[:b], logps[b:], params.delta, params.reg_weight)
+                return losses.sum() / len(idx), {  # its part of the batch mean; per-pair values for the log
+                    "calibration": calibration, "chosen": logps[:b], "margin": logps[:b] - logps[b:]}
+
+            # forward + backward per micro-batch, then one clip, step and schedule (DeepSpeed in bench)
+            loss, v, opt = ctx.optimize_batch(len(idx), loss_of)
+            hinge_active = float((v["calibration"] > 0).float().mean())
             ctx.log(step + 1, {
-                "losses/slic": float(losses.detach().mean()),
-                "losses/calibration": float(calibration.detach().mean()),
-                "logps/chosen": float(logps[:b].detach().mean()),
-                "logps/margin": float((logps[:b] - logps[b:]).detach().mean()),
+                "losses/slic": loss,
+                "losses/calibration": float(v["calibration"].mean()),
+                "logps/chosen": float(v["chosen"].mean()),
+                "logps/margin": float(v["margin"].mean()),
                 "slic/hinge_active": hinge_active,  # fraction of pairs not yet separated by delta
                 "optim/lr": opt["lr"],
                 "optim/grad_norm": opt["grad_norm"],
