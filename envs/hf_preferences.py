@@ -329,14 +329,9 @@ class HfPreferences:
                                   lr=params.sft_lr, warmup_steps=params.sft_warmup_steps)
 
     def load_policy(self, workdir: Path, stage: str) -> Policy:
-        if stage != "init":
-            return Policy.from_pretrained(Path(workdir) / stage)
-        # the initial policy is read where it lives (hub cache or local dir), not copied per env
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from envs.hub import load_policy
 
-        names = json.loads((Path(workdir) / "model.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(names["tokenizer"] or names["model"])
-        return Policy(AutoModelForCausalLM.from_pretrained(names["model"]), tokenizer)
+        return load_policy(workdir, stage)
 
     def finish(self, sft: Policy, params: HfPreferencesParams, seed: int, workdir: Path) -> None:
         """The dataset's pairs as they are; references: each eval prompt's chosen, or one SFT sample, scored by gold."""

@@ -248,3 +248,19 @@ def take_fitting(candidates: list, n: int, rng, fits: Callable[[list], "Sequence
                 if len(kept) == n:
                     return kept, examined
     return kept, examined
+
+
+def load_policy(workdir: Path, stage: str):
+    """An env's policy at `stage`: "init" is the model named in the env's `model.json` (a hub id
+    or a local dir, read where it lives, not copied per env), any other stage the saved policy."""
+    import json
+
+    from algorithms.policy import Policy
+
+    if stage != "init":
+        return Policy.from_pretrained(Path(workdir) / stage)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = json.loads((Path(workdir) / "model.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(names["tokenizer"] or names["model"])
+    return Policy(AutoModelForCausalLM.from_pretrained(names["model"]), tokenizer)
