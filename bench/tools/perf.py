@@ -172,9 +172,10 @@ class StepClock:
         self.stamps.append(time.perf_counter())
 
     def wrap(self, optimize: Callable) -> Callable:
-        def timed(loss):
-            out = optimize(loss)
-            self.tick()
+        def timed(loss, accumulate=False):
+            out = optimize(loss, accumulate=accumulate)
+            if not accumulate:  # a step ends at its last micro-batch
+                self.tick()
             return out
 
         return timed
